@@ -1,0 +1,194 @@
+"""Storing incoming events: identity, profile change, event row and outbox row in one transaction.
+
+The API answers 200 only after `EventStore.store` has committed, so an acknowledged event is
+never lost. Routing to Temporal happens later, from the outbox, by the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from activities.identity import IdentityResolver, merge_traits
+from bisik.models import IncomingEvent, normalize_email
+from bisik.logs import get_logger
+
+log = get_logger(__name__)
+
+OUTBOX_CHANNEL = "bisik_outbox"
+# Errors that two concurrent transactions can cause each other; the whole transaction is retried.
+RETRYABLE_ERRORS = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.UniqueViolationError,
+)
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    stored: int
+    duplicates: int
+    routed: int
+
+
+def lock_key(identity: str) -> int:
+    """Map an identity such as `user_id:42` to a 64-bit advisory lock key."""
+    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool, needs_routing: Callable[[IncomingEvent], bool]) -> None:
+        """`needs_routing` tells whether any journey wants an event; only those get an outbox row."""
+        self.pool = pool
+        self.needs_routing = needs_routing
+
+    async def store(self, events: list[IncomingEvent]) -> StoreResult:
+        """Store the events not stored before, in order; return how many were new."""
+        unique = list({(event.source, event.message_id): event for event in reversed(events)}.values())
+        unique.reverse()
+        repeated_in_call = len(events) - len(unique)
+
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                result = await self._store_once(unique)
+            except RETRYABLE_ERRORS as error:
+                if attempt == MAX_ATTEMPTS:
+                    raise
+                log.warning(
+                    "ingest.transaction_retried", attempt=attempt, error=type(error).__name__
+                )
+                await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)
+                continue
+            return StoreResult(
+                stored=result.stored,
+                duplicates=result.duplicates + repeated_in_call,
+                routed=result.routed,
+            )
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _store_once(self, events: list[IncomingEvent]) -> StoreResult:
+        keys = sorted({lock_key(key) for event in events for key in event.identity_keys})
+        stored = duplicates = routed = 0
+
+        async with self.pool.acquire() as connection, connection.transaction():
+            # Every identifier these events touch is locked up front and in one order, so parallel
+            # calls about one person are serialised and two calls cannot deadlock on each other.
+            await connection.execute(
+                "SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key ORDER BY key",
+                keys,
+            )
+            already_stored = await self._stored_message_ids(connection, events)
+            resolver = IdentityResolver(connection)
+
+            for event in events:
+                if (event.source, event.message_id) in already_stored:
+                    duplicates += 1
+                    continue
+                customer_id = await resolver.resolve(event)
+                event_id = await self._insert_event(connection, event, customer_id)
+                if event_id is None:
+                    duplicates += 1
+                    continue
+                stored += 1
+                await self._update_profile(connection, event, customer_id)
+                if self.needs_routing(event):
+                    await connection.execute(
+                        "INSERT INTO outbox (event_id, customer_id) VALUES ($1, $2)",
+                        event_id,
+                        customer_id,
+                    )
+                    routed += 1
+
+            if routed:
+                await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        return StoreResult(stored=stored, duplicates=duplicates, routed=routed)
+
+    async def _stored_message_ids(
+        self, connection: asyncpg.Connection, events: list[IncomingEvent]
+    ) -> set[tuple[str, str]]:
+        rows = await connection.fetch(
+            """
+            SELECT source, message_id FROM events
+            WHERE (source, message_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+            """,
+            [event.source for event in events],
+            [event.message_id for event in events],
+        )
+        return {(row["source"], row["message_id"]) for row in rows}
+
+    async def _insert_event(
+        self, connection: asyncpg.Connection, event: IncomingEvent, customer_id: str
+    ) -> int | None:
+        return await connection.fetchval(
+            """
+            INSERT INTO events (
+                source, message_id, type, name, customer_id, user_id, anonymous_id, timestamp,
+                original_timestamp, sent_at, received_at, properties, traits, context, payload
+            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+            ON CONFLICT (source, message_id) DO NOTHING
+            RETURNING id
+            """,
+            event.source,
+            event.message_id,
+            event.type,
+            event.name,
+            customer_id,
+            event.user_id,
+            event.anonymous_id,
+            event.timestamp,
+            event.original_timestamp,
+            event.sent_at,
+            event.received_at,
+            event.properties,
+            event.traits,
+            event.context,
+            event.payload,
+        )
+
+    async def _update_profile(
+        self, connection: asyncpg.Connection, event: IncomingEvent, customer_id: str
+    ) -> None:
+        if event.type != "identify" or not event.traits:
+            await connection.execute(
+                """
+                UPDATE customers SET
+                    last_seen_at = GREATEST(last_seen_at, $2),
+                    first_seen_at = LEAST(first_seen_at, $2),
+                    email = COALESCE(email, $3)
+                WHERE id = $1
+                """,
+                customer_id,
+                event.timestamp,
+                event.email,
+            )
+            return
+
+        row = await connection.fetchrow(
+            "SELECT traits, trait_timestamps FROM customers WHERE id = $1 FOR UPDATE", customer_id
+        )
+        traits, timestamps = merge_traits(
+            row["traits"], row["trait_timestamps"], event.traits, event.timestamp
+        )
+        await connection.execute(
+            """
+            UPDATE customers SET
+                traits = $2,
+                trait_timestamps = $3,
+                email = COALESCE($5, email),
+                last_seen_at = GREATEST(last_seen_at, $4),
+                first_seen_at = LEAST(first_seen_at, $4),
+                updated_at = now()
+            WHERE id = $1
+            """,
+            customer_id,
+            traits,
+            timestamps,
+            event.timestamp,
+            normalize_email(traits.get("email")),
+        )

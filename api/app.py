@@ -1,0 +1,77 @@
+"""The FastAPI application: ingest, health, and the request log line."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI, Request, Response
+
+from activities.db import create_pool
+from activities.ingest import EventStore
+from api.errors import install_error_handlers
+from api.routes import ingest
+from bisik.logs import get_logger
+from bisik.settings import Settings
+from workflows.registry import JOURNEYS, RoutingIndex
+from workflows.toolkit import Journey
+
+log = get_logger(__name__)
+
+
+def create_app(settings: Settings, journeys: tuple[type[Journey], ...] = JOURNEYS) -> FastAPI:
+    if settings.database_url is None:
+        raise ValueError(
+            "BISIK_DATABASE_URL is not set; run `bisik dev` for the embedded stack or point it at PostgreSQL"
+        )
+    database_url = settings.database_url
+    routing = RoutingIndex(journeys)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(
+            database_url,
+            min_size=settings.database_pool_min_size,
+            max_size=settings.database_pool_max_size,
+        )
+        app.state.pool = pool
+        app.state.event_store = EventStore(pool, routing.wants)
+        log.info("api.started", journeys=sorted(routing.journeys))
+        try:
+            yield
+        finally:
+            await pool.close()
+            log.info("api.stopped")
+
+    app = FastAPI(title="Bisik", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.routing = routing
+    install_error_handlers(app)
+    app.include_router(ingest.router)
+
+    @app.get("/health", tags=["operations"])
+    async def health(request: Request) -> dict[str, str]:
+        await request.app.state.pool.fetchval("SELECT 1")
+        return {"status": "ok"}
+
+    @app.middleware("http")
+    async def log_request(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+        started = time.perf_counter()
+        response = await call_next(request)
+        log.info(
+            "http.request",
+            method=request.method,
+            path=request.url.path,
+            status=response.status_code,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return response
+
+    return app

@@ -1,0 +1,128 @@
+"""Data types shared by the API, the relay, the workflows and the activities.
+
+Nothing here does I/O, so workflow code can import this module through the sandbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.common import SearchAttributeKey
+
+EventType = Literal["track", "identify", "page", "screen", "group", "alias"]
+
+# Search attributes on every journey workflow, so operators can filter runs in the Temporal Web UI.
+CUSTOMER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CustomerId")
+JOURNEY_ATTRIBUTE = SearchAttributeKey.for_keyword("Journey")
+
+EVENT_SIGNAL = "event"
+
+# Temporal suggests continue-as-new itself near its limits; this is our own, lower ceiling.
+DEFAULT_HISTORY_LIMIT = 5000
+
+
+class JourneyEvent(BaseModel):
+    """One stored event as a journey receives it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int = Field(description="Primary key of the stored event; journeys deduplicate on it.")
+    message_id: str
+    type: EventType
+    name: str | None = Field(None, description="Event name of a track call, page or screen name.")
+    customer_id: str
+    timestamp: datetime = Field(description="When it happened, corrected for the client's clock.")
+    received_at: datetime
+    properties: dict[str, Any] = Field(default_factory=dict)
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+
+class JourneyInput(BaseModel):
+    """Input of every journey workflow, also carried through continue-as-new."""
+
+    customer_id: str
+    journey: str
+    time_scale: float = Field(1.0, gt=0, description="Divides every delay of the journey.")
+    history_limit: int = Field(
+        DEFAULT_HISTORY_LIMIT, ge=100, description="History length at which the run continues as new."
+    )
+    trigger: JourneyEvent | None = Field(
+        None, description="The event that started this entry; None until the first run takes it."
+    )
+    state: dict[str, Any] = Field(
+        default_factory=dict, description="The journey's own state, kept across continue-as-new."
+    )
+    completed_steps: dict[str, Any] = Field(
+        default_factory=dict, description="Result of each step already done in this entry, by step name."
+    )
+    pending_events: list[JourneyEvent] = Field(
+        default_factory=list, description="Events received but not yet handled by the previous run."
+    )
+    seen_event_ids: list[int] = Field(default_factory=list)
+
+
+class JourneyResult(BaseModel):
+    outcome: Literal["completed", "exited"]
+    reason: str
+    events_received: int
+
+
+class JourneyRunRecord(BaseModel):
+    """What a journey reports about itself to the run log in PostgreSQL."""
+
+    customer_id: str
+    journey: str
+    workflow_id: str
+    run_id: str
+    status: Literal["active", "completed", "exited"]
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEvent:
+    """A validated call, normalised for storage: ids resolved, clock corrected, nothing dropped."""
+
+    source: str
+    message_id: str
+    type: EventType
+    name: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    email: str | None
+    previous_id: str | None
+    timestamp: datetime
+    original_timestamp: datetime | None
+    sent_at: datetime | None
+    received_at: datetime
+    properties: dict[str, Any] | None
+    traits: dict[str, Any] | None
+    context: dict[str, Any]
+    payload: dict[str, Any]
+
+    @property
+    def identity_keys(self) -> list[str]:
+        """Identifiers this event may create, read or move; locked before it is stored."""
+        keys = []
+        if self.user_id is not None:
+            keys.append("user_id:" + self.user_id)
+        if self.anonymous_id is not None:
+            keys.append("anonymous_id:" + self.anonymous_id)
+        if self.email is not None:
+            keys.append("email:" + self.email)
+        if self.previous_id is not None:
+            keys.append("user_id:" + self.previous_id)
+            keys.append("anonymous_id:" + self.previous_id)
+        return keys
+
+
+def normalize_email(value: Any) -> str | None:
+    """Return the address lower-cased and trimmed, or None when `value` is not an address."""
+    if not isinstance(value, str):
+        return None
+    address = value.strip().lower()
+    if "@" not in address or len(address) > 320:
+        return None
+    return address

@@ -1,0 +1,160 @@
+"""All of Bisik's configuration, read from `BISIK_` environment variables or a `.env` file."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values that ship in this file for local development. Outside development they must be replaced.
+DEVELOPMENT_WRITE_KEY = "dev-write-key"
+DEVELOPMENT_SECRET_KEY = "dev-secret-key-change-me"
+
+
+class Settings(BaseSettings):
+    """Bisik's settings. Every field is read from `BISIK_<FIELD NAME>`, for example `BISIK_API_PORT`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BISIK_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    environment: Literal["development", "production"] = Field(
+        "development",
+        description="`production` rejects the development write key and secret key.",
+    )
+    home: Path = Field(
+        Path(".bisik"),
+        description="Folder for the local stack's data: PostgreSQL, Temporal's SQLite file, received mail.",
+    )
+
+    # PostgreSQL
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL connection URL. `bisik dev` sets it to its embedded server.",
+    )
+    database_pool_min_size: int = Field(2, ge=1)
+    database_pool_max_size: int = Field(20, ge=1)
+
+    # Temporal
+    temporal_address: str = Field("127.0.0.1:7233", description="Temporal frontend, host:port.")
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "bisik-journeys"
+    temporal_ui_port: int = Field(8233, ge=1, le=65535, description="Web UI port of `bisik dev`'s Temporal.")
+    temporal_search_attributes: bool = Field(
+        True,
+        description="Set the CustomerId and Journey search attributes on each journey workflow.",
+    )
+
+    # Worker
+    worker_workflow_task_pollers: int = Field(20, ge=1)
+    worker_max_cached_workflows: int = Field(1000, ge=0)
+    worker_max_concurrent_activities: int = Field(100, ge=1)
+    worker_runs_relay: bool = Field(
+        True,
+        description="Run the outbox relay, which routes stored events into journeys, inside `bisik worker`.",
+    )
+
+    # Outbox relay
+    relay_batch_size: int = Field(500, ge=1, le=10_000)
+    relay_concurrency: int = Field(32, ge=1, le=1000, description="Customers dispatched in parallel.")
+    relay_poll_interval_seconds: float = Field(
+        1.0, gt=0, description="How often the relay looks for events when no notification arrives."
+    )
+    relay_max_backoff_seconds: float = Field(60.0, gt=0)
+
+    # HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Base URL of the API as customers reach it, for links in messages.",
+    )
+    write_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=lambda: [SecretStr(DEVELOPMENT_WRITE_KEY)],
+        description="Accepted Segment write keys, comma-separated.",
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(DEVELOPMENT_SECRET_KEY),
+        description="Key that signs links in messages (unsubscribe, click tracking).",
+    )
+    max_call_bytes: int = Field(32 * 1024, ge=1024, description="Largest single call body, in bytes.")
+    max_batch_bytes: int = Field(500 * 1024, ge=1024, description="Largest batch body, in bytes.")
+
+    # Email
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(1025, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_start_tls: bool = False
+    smtp_use_tls: bool = False
+    smtp_timeout_seconds: float = Field(10.0, gt=0)
+    mail_from: str = "Bisik <hello@example.com>"
+
+    # Journeys
+    default_locale: Literal["en", "id"] = "en"
+    default_timezone: str = "Asia/Jakarta"
+    time_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Divides every journey delay; 60 turns an hour into a minute. For demos and staging.",
+    )
+
+    # Logging
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`auto` writes JSON unless standard error is a terminal."
+    )
+
+    @field_validator("write_keys", mode="before")
+    @classmethod
+    def _split_write_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("write_keys")
+    @classmethod
+    def _require_write_key(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if not value:
+            raise ValueError("at least one write key is required")
+        return value
+
+    @model_validator(mode="after")
+    def _reject_development_secrets_in_production(self) -> Settings:
+        if self.environment != "production":
+            return self
+        if any(key.get_secret_value() == DEVELOPMENT_WRITE_KEY for key in self.write_keys):
+            raise ValueError(
+                f"BISIK_WRITE_KEYS contains the development key {DEVELOPMENT_WRITE_KEY!r}; "
+                "set your own keys in production"
+            )
+        if self.secret_key.get_secret_value() == DEVELOPMENT_SECRET_KEY:
+            raise ValueError("BISIK_SECRET_KEY is the development default; set a random secret in production")
+        if len(self.secret_key.get_secret_value()) < 32:
+            raise ValueError("BISIK_SECRET_KEY must be at least 32 characters in production")
+        return self
+
+    @cached_property
+    def sources_by_write_key(self) -> dict[str, str]:
+        """Map each write key to its source id, a fingerprint stored with events instead of the key."""
+        return {key.get_secret_value(): source_id(key.get_secret_value()) for key in self.write_keys}
+
+    @property
+    def temporal_host(self) -> str:
+        return self.temporal_address.rsplit(":", 1)[0]
+
+    @property
+    def temporal_port(self) -> int:
+        return int(self.temporal_address.rsplit(":", 1)[1])
+
+
+def source_id(write_key: str) -> str:
+    """Return the id under which events sent with this write key are stored and deduplicated."""
+    return "src_" + hashlib.sha256(write_key.encode()).hexdigest()[:16]

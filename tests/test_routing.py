@@ -1,0 +1,218 @@
+"""From HTTP to journey workflows: the outbox relay against a real Temporal dev server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import httpx
+from segment.analytics import Client as SegmentClient
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from bisik.models import CUSTOMER_ID_ATTRIBUTE, JOURNEY_ATTRIBUTE, JourneyEvent
+from bisik.settings import Settings
+from tests.conftest import WRITE_KEY, ApiServer, RunningWorker
+from tests.helpers import assert_eventually
+from workers.relay import OutboxRelay
+from workers.stack import TemporalDevServer, free_port
+from workflows.matching import track
+from workflows.registry import RoutingIndex
+from workflows.welcome import Welcome
+
+
+async def customer_id_of(pool: asyncpg.Pool, user_id: str) -> str:
+    return await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'user_id' AND value = $1", user_id)
+
+
+async def event_ids_of(pool: asyncpg.Pool, customer_id: str) -> list[int]:
+    rows = await pool.fetch("SELECT id FROM events WHERE customer_id = $1 ORDER BY id", customer_id)
+    return [row["id"] for row in rows]
+
+
+async def workflow_runs(client: Client, workflow_id: str) -> int:
+    return len([run async for run in client.list_workflows(f"WorkflowId = '{workflow_id}'")])
+
+
+async def wait_for_outbox_empty(pool: asyncpg.Pool, timeout: float = 30.0) -> None:
+    async def check() -> None:
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+    await assert_eventually(check, timeout=timeout)
+
+
+def test_routing_index_matches_by_type_and_name() -> None:
+    index = RoutingIndex()
+
+    identify = JourneyEvent(id=1, message_id="m", type="identify", customer_id="c", timestamp="2024-01-01T00:00:00Z", received_at="2024-01-01T00:00:00Z", traits={"email": "a@example.com"})
+    identify_without_email = identify.model_copy(update={"traits": {}})
+    signed_up = identify.model_copy(update={"type": "track", "name": "Signed Up", "traits": {}})
+    screen = identify.model_copy(update={"type": "screen", "name": "Home"})
+
+    assert [(route.journey.name, route.starts) for route in index.routes(identify)] == [("welcome", True)]
+    assert index.routes(identify_without_email) == []
+    assert [(route.journey.name, route.starts) for route in index.routes(signed_up)] == [("welcome", True)]
+    assert index.routes(screen) == []
+    assert track("Signed Up").matches(signed_up)
+
+
+async def test_segment_library_events_reach_journey(
+    api_server: ApiServer, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    segment = SegmentClient(WRITE_KEY, host=api_server.url, upload_size=50, max_retries=1, sync_mode=False)
+    errors: list[Exception] = []
+    segment.on_error = lambda error, _batch: errors.append(error)
+
+    def send() -> None:
+        segment.identify("seg-user", {"email": "Seg.User@Example.com", "first_name": "Dewi"})
+        segment.track("seg-user", "Product Viewed", {"product_id": "p1"})
+        segment.page("seg-user", "Docs", "Pricing", {"path": "/pricing"})
+        for number in range(120):
+            segment.track("seg-user", "Button Clicked", {"number": number})
+        segment.flush()
+        segment.join()
+
+    await asyncio.to_thread(send)
+
+    assert errors == []
+    customer_id = await customer_id_of(pool, "seg-user")
+    stored = await event_ids_of(pool, customer_id)
+    assert len(stored) == 123
+    types = await pool.fetch("SELECT type, count(*) FROM events GROUP BY type ORDER BY type")
+    assert [(row["type"], row["count"]) for row in types] == [("identify", 1), ("page", 1), ("track", 121)]
+    library = await pool.fetchval("SELECT context -> 'library' ->> 'name' FROM events LIMIT 1")
+    assert library == "analytics-python"
+
+    handle = temporal_client.get_workflow_handle(f"welcome:{customer_id}")
+
+    async def journey_has_everything() -> None:
+        assert await handle.query(Welcome.seen_event_ids) == stored
+
+    await assert_eventually(journey_has_everything)
+    description = await handle.describe()
+    assert description.typed_search_attributes.get(CUSTOMER_ID_ATTRIBUTE) == customer_id
+    assert description.typed_search_attributes.get(JOURNEY_ATTRIBUTE) == "welcome"
+
+
+async def test_parallel_identify_starts_one_journey(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    calls = [
+        api.post("/v1/identify", json={"userId": "parallel", "traits": {"email": "Par.Allel@Example.com"}})
+        for _ in range(50)
+    ]
+    await asyncio.gather(*calls)
+    await wait_for_outbox_empty(pool)
+
+    customer_id = await customer_id_of(pool, "parallel")
+    workflow_id = f"welcome:{customer_id}"
+    assert await workflow_runs(temporal_client, workflow_id) == 1
+    assert await pool.fetchval("SELECT count(*) FROM customers") == 1
+    assert await pool.fetchval("SELECT count(*) FROM journey_runs") == 1
+    handle = temporal_client.get_workflow_handle(workflow_id)
+    assert len(await handle.query(Welcome.seen_event_ids)) == 50
+
+
+async def test_listen_only_event_without_active_run_starts_nothing(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    # Welcome listens to page views but does not start on them.
+    await api.post("/v1/page", json={"userId": "browser", "name": "Home"})
+    await wait_for_outbox_empty(pool)
+
+    customer_id = await customer_id_of(pool, "browser")
+    assert await workflow_runs(temporal_client, f"welcome:{customer_id}") == 0
+    assert await pool.fetchval("SELECT count(*) FROM journey_runs") == 0
+
+
+async def test_events_reach_journey_in_customer_order(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    await api.post("/v1/identify", json={"userId": "ordered", "traits": {"email": "o@example.com"}})
+    batch = [{"type": "track", "userId": "ordered", "event": f"Step {n}"} for n in range(40)]
+    await api.post("/v1/batch", json={"batch": batch})
+    await wait_for_outbox_empty(pool)
+
+    customer_id = await customer_id_of(pool, "ordered")
+    handle = temporal_client.get_workflow_handle(f"welcome:{customer_id}")
+    assert await handle.query(Welcome.seen_event_ids) == await event_ids_of(pool, customer_id)
+
+
+async def test_events_accepted_while_temporal_down_all_arrive_once(
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # A Temporal of this test's own, so it can be stopped and started again on its own file.
+    server = TemporalDevServer(port=free_port(), ui_port=None, db_file=tmp_path / "temporal.sqlite")
+    settings.temporal_address = server.address
+    await server.start()
+    client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+    api_server = ApiServer(settings)
+    await api_server.start()
+    worker = RunningWorker(client, pool, settings)
+    await worker.start()
+    try:
+        # Temporal goes away; the API keeps accepting and the relay keeps trying.
+        await server.stop()
+        users = [f"offline-{n}" for n in range(50)]
+        async with api_server.client() as api:
+            for user in users:
+                for call in (
+                    {"type": "identify", "userId": user, "traits": {"email": f"{user}@example.com"}},
+                    {"type": "track", "userId": user, "event": "Product Viewed"},
+                ):
+                    response = await api.post("/v1/batch", json={"batch": [call]})
+                    assert response.status_code == 200
+        assert await pool.fetchval("SELECT count(*) FROM events") == 100
+
+        async def relay_tried_and_kept_everything() -> None:
+            assert await pool.fetchval("SELECT max(attempts) FROM outbox") >= 1
+            assert await pool.fetchval("SELECT count(*) FROM outbox") == 100
+
+        await assert_eventually(relay_tried_and_kept_everything, timeout=60)
+
+        await server.start()
+        await wait_for_outbox_empty(pool, timeout=90)
+
+        for user in users:
+            customer_id = await customer_id_of(pool, user)
+            workflow_id = f"welcome:{customer_id}"
+            assert await workflow_runs(client, workflow_id) == 1, workflow_id
+            seen = await client.get_workflow_handle(workflow_id).query(Welcome.seen_event_ids)
+            assert seen == await event_ids_of(pool, customer_id)
+    finally:
+        await worker.stop()
+        await api_server.stop()
+        await server.stop()
+
+
+async def test_relay_standby_waits_for_active_relay(
+    running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client, temporal_settings: Settings
+) -> None:
+    second = OutboxRelay(pool, temporal_client, temporal_settings, RoutingIndex())
+    stop = asyncio.Event()
+    task = asyncio.create_task(second.run(stop))
+    await asyncio.sleep(0.5)
+
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)
+
+
+async def test_redelivered_outbox_row_not_delivered_twice(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    await api.post("/v1/identify", json={"userId": "again", "traits": {"email": "again@example.com"}, "messageId": "again-1"})
+    await wait_for_outbox_empty(pool)
+    customer_id = await customer_id_of(pool, "again")
+    event_id = (await event_ids_of(pool, customer_id))[0]
+
+    # As after a relay crash between signalling and deleting the row.
+    await pool.execute("INSERT INTO outbox (event_id, customer_id) VALUES ($1, $2)", event_id, customer_id)
+    await pool.execute("SELECT pg_notify('bisik_outbox', '')")
+    await wait_for_outbox_empty(pool)
+
+    handle = temporal_client.get_workflow_handle(f"welcome:{customer_id}")
+    assert await handle.query(Welcome.seen_event_ids) == [event_id]
+    assert await workflow_runs(temporal_client, f"welcome:{customer_id}") == 1
+

@@ -1,0 +1,143 @@
+"""`bisik dev`: the whole stack on one machine, started and supervised by one command.
+
+Order of start: PostgreSQL, migrations, Temporal, the SMTP sink, the worker, the API. Ctrl-C (or
+SIGTERM) stops them in the reverse order. The API and the worker run as child processes, the way
+they run in production, and are restarted if they exit on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from activities.db import migrate
+from bisik.logs import get_logger
+from bisik.settings import Settings
+from workers.stack import EmbeddedPostgres, MailSink, TemporalDevServer, ensure_port_free
+
+log = get_logger(__name__)
+
+RESTART_LIMIT = 5
+RESTART_WINDOW_SECONDS = 60.0
+
+
+@dataclass
+class ChildProcess:
+    """A `bisik` subcommand run as a child process, restarted when it exits on its own."""
+
+    name: str
+    arguments: list[str]
+    environment: dict[str, str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bisik.cli", *self.arguments, env=self.environment
+        )
+        log.info("dev.process_started", process=self.name, pid=self.process.pid)
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            log.warning("dev.process_killed", process=self.name, after_seconds=timeout)
+            self.process.kill()
+            await self.process.wait()
+        log.info("dev.process_stopped", process=self.name)
+
+    def may_restart(self) -> bool:
+        now = time.monotonic()
+        self.restarts = [moment for moment in self.restarts if now - moment < RESTART_WINDOW_SECONDS]
+        self.restarts.append(now)
+        return len(self.restarts) <= RESTART_LIMIT
+
+
+class DevStack:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        home = settings.home.resolve()
+        self.postgres = EmbeddedPostgres(home / "postgres")
+        self.temporal = TemporalDevServer(
+            host=settings.temporal_host,
+            port=settings.temporal_port,
+            ui_port=settings.temporal_ui_port,
+            db_file=home / "temporal.sqlite",
+            namespace=settings.temporal_namespace,
+        )
+        self.mail = MailSink(settings.smtp_host, settings.smtp_port, home / "mail")
+        self.children: list[ChildProcess] = []
+
+    def check_ports(self) -> None:
+        settings = self.settings
+        ensure_port_free(settings.temporal_host, settings.temporal_port, "BISIK_TEMPORAL_ADDRESS")
+        ensure_port_free(settings.temporal_host, settings.temporal_ui_port, "BISIK_TEMPORAL_UI_PORT")
+        ensure_port_free(settings.smtp_host, settings.smtp_port, "BISIK_SMTP_PORT")
+        ensure_port_free(settings.api_host, settings.api_port, "BISIK_API_PORT")
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Start everything, supervise until `stop` is set, then stop everything; return an exit code."""
+        self.check_ports()
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        try:
+            database_url = await asyncio.to_thread(self.postgres.start)
+            await migrate(database_url)
+            await self.temporal.start()
+            self.mail.start()
+
+            environment = {**os.environ, "BISIK_DATABASE_URL": database_url}
+            self.children = [
+                ChildProcess("worker", ["worker"], environment),
+                ChildProcess("api", ["api"], environment),
+            ]
+            for child in self.children:
+                await child.start()
+            log.info(
+                "dev.ready",
+                api=f"http://{self.settings.api_host}:{self.settings.api_port}",
+                temporal_ui=f"http://{self.settings.temporal_host}:{self.settings.temporal_ui_port}",
+                mail_dir=str(self.mail.directory),
+                hint="press Ctrl-C to stop everything",
+            )
+            return await self._supervise(stop)
+        finally:
+            await self._stop_all()
+
+    async def _supervise(self, stop: asyncio.Event) -> int:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+            if not self.temporal.running:
+                log.error("dev.temporal_exited", hint="see the temporal.server lines above")
+                return 1
+            for child in self.children:
+                if child.process is None or child.process.returncode is None:
+                    continue
+                log.error("dev.process_exited", process=child.name, exit_code=child.process.returncode)
+                if not child.may_restart():
+                    log.error(
+                        "dev.restart_limit_reached",
+                        process=child.name,
+                        restarts=RESTART_LIMIT,
+                        window_seconds=RESTART_WINDOW_SECONDS,
+                    )
+                    return 1
+                await child.start()
+        return 0
+
+    async def _stop_all(self) -> None:
+        for child in reversed(self.children):
+            await child.stop()
+        self.mail.stop()
+        await self.temporal.stop()
+        await asyncio.to_thread(self.postgres.stop)
+        log.info("dev.stopped")
