@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -47,13 +47,17 @@ def mask_personal_data(
     return event_dict
 
 
-def configure_logging(level: str = "info", log_format: str = "auto") -> None:
-    """Route structlog and standard-library logging through one set of processors.
+def configure_logging(
+    level: str = "info", log_format: str = "auto", stream: TextIO | None = None
+) -> None:
+    """Route structlog and standard-library logging through one set of processors to `stream`.
 
-    Safe to call more than once: the root handler is replaced, not added again.
+    `stream` defaults to standard error. Safe to call more than once: the root handler is
+    replaced, not added again.
     """
+    stream = stream or sys.stderr
     if log_format == "auto":
-        log_format = "console" if sys.stderr.isatty() else "json"
+        log_format = "console" if stream.isatty() else "json"
 
     shared_processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -77,14 +81,15 @@ def configure_logging(level: str = "info", log_format: str = "auto") -> None:
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # Not cached, so that configuring again (as tests do) reaches loggers already created.
+        cache_logger_on_first_use=False,
     )
 
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared_processors,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
 
     root = logging.getLogger()
