@@ -18,6 +18,8 @@ app = typer.Typer(
     help="Bisik: behaviour-triggered marketing automation on Temporal and PostgreSQL.",
     no_args_is_help=True,
     add_completion=False,
+    # Crashes are logged through structlog (JSON in production), not drawn as rich tracebacks.
+    pretty_exceptions_enable=False,
 )
 log = get_logger("bisik.cli")
 
@@ -45,7 +47,11 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) 
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signal_number, stop.set)
-        result = await main(stop)
+        try:
+            result = await main(stop)
+        except Exception:
+            log.exception("process.crashed")
+            return 1
         return result or 0
 
     return asyncio.run(runner())
@@ -55,18 +61,12 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) 
 def dev() -> None:
     """Start the local stack: PostgreSQL, Temporal with its Web UI, an SMTP sink, the API and a worker."""
     from workers.dev import DevStack
-    from workers.stack import PortInUseError
 
     settings = load_settings()
     if settings.environment != "development":
         typer.echo("bisik dev runs only with BISIK_ENVIRONMENT=development", err=True)
         raise typer.Exit(2)
-    try:
-        code = run_until_signalled(DevStack(settings).run)
-    except PortInUseError as error:
-        log.error("dev.port_in_use", port=error.port, setting=error.setting, error=str(error))
-        raise typer.Exit(1) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run_until_signalled(DevStack(settings).run))
 
 
 @app.command()

@@ -6,7 +6,7 @@ Nothing here does I/O, so workflow code can import this module through the sandb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +49,7 @@ class JourneyInput(BaseModel):
     history_limit: int = Field(
         DEFAULT_HISTORY_LIMIT, ge=100, description="History length at which the run continues as new."
     )
+    send_timeout_seconds: float = Field(60.0, gt=0, description="Start-to-close timeout of one send attempt.")
     trigger: JourneyEvent | None = Field(
         None, description="The event that started this entry; None until the first run takes it."
     )
@@ -78,6 +79,45 @@ class JourneyRunRecord(BaseModel):
     workflow_id: str
     run_id: str
     status: Literal["active", "completed", "exited"]
+    reason: str | None = None
+    at: datetime = Field(description="The journey's clock when the entry began or ended.")
+
+
+class ReentryRule(BaseModel):
+    """When a customer who finished a journey may enter it again."""
+
+    kind: Literal["always", "never", "after_last_message", "after_last_entry"] = "always"
+    cooldown_seconds: float = Field(0, ge=0)
+
+    @classmethod
+    def always(cls) -> ReentryRule:
+        return cls(kind="always")
+
+    @classmethod
+    def never(cls) -> ReentryRule:
+        return cls(kind="never")
+
+    @classmethod
+    def after_last_message(cls, **duration: float) -> ReentryRule:
+        """No new entry until `duration` has passed since the journey's last message to them."""
+        return cls(kind="after_last_message", cooldown_seconds=timedelta(**duration).total_seconds())
+
+    @classmethod
+    def after_last_entry(cls, **duration: float) -> ReentryRule:
+        """At most one entry per `duration`."""
+        return cls(kind="after_last_entry", cooldown_seconds=timedelta(**duration).total_seconds())
+
+
+class ReentryCheck(BaseModel):
+    customer_id: str
+    journey: str
+    rule: ReentryRule
+    now: datetime = Field(description="The journey's clock.")
+    time_scale: float = 1.0
+
+
+class ReentryDecision(BaseModel):
+    allowed: bool
     reason: str | None = None
 
 
@@ -126,3 +166,49 @@ def normalize_email(value: Any) -> str | None:
     if "@" not in address or len(address) > 320:
         return None
     return address
+
+
+Locale = Literal["en", "id"]
+
+
+class Profile(BaseModel):
+    """What a journey and its templates may know about a customer."""
+
+    customer_id: str
+    email: str | None
+    first_name: str | None
+    locale: Locale
+    timezone: str
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+
+class SendRequest(BaseModel):
+    """One message a journey step wants sent."""
+
+    idempotency_key: str = Field(description="Built from the workflow id and the step; sent once at most.")
+    customer_id: str
+    journey: str
+    workflow_id: str
+    step: str
+    template: str
+    channel: Literal["email"] = "email"
+    transactional: bool = Field(
+        False, description="Order confirmations and the like: sent even to unsubscribed customers."
+    )
+    data: dict[str, Any] = Field(default_factory=dict, description="Template variables from the journey.")
+    step_at: datetime = Field(description="The journey's clock when the step ran.")
+    goal_events: list[str] = Field(
+        default_factory=list,
+        description="Track events that cancel the message if one was stored with a timestamp at or after `goal_since`.",
+    )
+    goal_since: datetime | None = None
+
+
+SendStatus = Literal["sent", "skipped", "suppressed", "failed", "unknown", "goal_reached"]
+
+
+class SendResult(BaseModel):
+    status: SendStatus
+    reason: str | None = None
+    message_id: int | None = Field(None, description="Row id in the message log.")
+    provider_message_id: str | None = None

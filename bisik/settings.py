@@ -95,7 +95,13 @@ class Settings(BaseSettings):
     smtp_start_tls: bool = False
     smtp_use_tls: bool = False
     smtp_timeout_seconds: float = Field(10.0, gt=0)
-    mail_from: str = "Bisik <hello@example.com>"
+    mail_from: str = "Bisik Demo Store <hello@example.com>"
+    brand_name: str = Field("Bisik Demo Store", description="Shop name used in message copy.")
+    shop_url: str = Field("https://shop.example.com", description="The shop's own site, for cart and review links.")
+    default_currency: str = Field("USD", description="Currency of prices that arrive without one (ISO 4217).")
+    send_timeout_seconds: float = Field(
+        60.0, gt=0, description="Longest one attempt to send a message may take before Temporal retries it."
+    )
 
     # Journeys
     default_locale: Literal["en", "id"] = "en"

@@ -230,3 +230,7 @@ def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
     sink.start()
     yield sink
     sink.stop()
+
+
+# Journey fixtures live in their own module; importing registers them for every test.
+from tests.journey_fixtures import journeys  # noqa: E402, F401

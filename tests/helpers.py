@@ -21,3 +21,36 @@ async def assert_eventually(
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(interval)
+
+
+async def store_call(pool, call: dict, *, source: str = "src_test", received_at=None):  # type: ignore[no-untyped-def]
+    """Store one Segment call as the API would and return it as the journey event the relay sends.
+
+    `received_at` defaults to the call's own timestamp, so journeys in time-skipping tests see
+    events on the test server's clock.
+    """
+    from datetime import UTC, datetime
+
+    from activities.ingest import EventStore
+    from api.segment import CALL_MODELS, to_incoming_event
+    from bisik.models import JourneyEvent
+
+    model = CALL_MODELS[call.get("type", "track")]
+    parsed = model.model_validate(call)
+    received = received_at or parsed.timestamp or datetime.now(UTC)
+    incoming = to_incoming_event(parsed, source=source, received_at=received)
+    await EventStore(pool, lambda _event: False).store([incoming])
+    row = await pool.fetchrow(
+        "SELECT * FROM events WHERE source = $1 AND message_id = $2", source, incoming.message_id
+    )
+    return JourneyEvent(
+        id=row["id"],
+        message_id=row["message_id"],
+        type=row["type"],
+        name=row["name"],
+        customer_id=row["customer_id"],
+        timestamp=row["timestamp"],
+        received_at=row["received_at"],
+        properties=row["properties"] or {},
+        traits=row["traits"] or {},
+    )

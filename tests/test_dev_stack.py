@@ -103,7 +103,7 @@ async def test_dev_starts_everything_and_restarts_on_same_data(tmp_path: Path) -
     ports = stack_ports()
     dev = DevProcess(tmp_path, ports)
     api_url = f"http://127.0.0.1:{ports['api']}"
-    identify = {"userId": "dev-user", "messageId": "dev-1", "traits": {"email": "dev@example.com"}}
+    identify = {"userId": "dev-user", "messageId": "dev-1", "traits": {"email": "dev@example.com", "subscribed": True}}
     try:
         await dev.start()
         await wait_until_healthy(api_url, dev)

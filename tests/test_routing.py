@@ -45,13 +45,13 @@ async def wait_for_outbox_empty(pool: asyncpg.Pool, timeout: float = 30.0) -> No
 def test_routing_index_matches_by_type_and_name() -> None:
     index = RoutingIndex()
 
-    identify = JourneyEvent(id=1, message_id="m", type="identify", customer_id="c", timestamp="2024-01-01T00:00:00Z", received_at="2024-01-01T00:00:00Z", traits={"email": "a@example.com"})
-    identify_without_email = identify.model_copy(update={"traits": {}})
+    identify = JourneyEvent(id=1, message_id="m", type="identify", customer_id="c", timestamp="2024-01-01T00:00:00Z", received_at="2024-01-01T00:00:00Z", traits={"email": "a@example.com", "subscribed": True})
+    identify_without_subscription = identify.model_copy(update={"traits": {"email": "a@example.com"}})
     signed_up = identify.model_copy(update={"type": "track", "name": "Signed Up", "traits": {}})
     screen = identify.model_copy(update={"type": "screen", "name": "Home"})
 
     assert [(route.journey.name, route.starts) for route in index.routes(identify)] == [("welcome", True)]
-    assert index.routes(identify_without_email) == []
+    assert index.routes(identify_without_subscription) == []
     assert [(route.journey.name, route.starts) for route in index.routes(signed_up)] == [("welcome", True)]
     assert index.routes(screen) == []
     assert track("Signed Up").matches(signed_up)
@@ -65,7 +65,7 @@ async def test_segment_library_events_reach_journey(
     segment.on_error = lambda error, _batch: errors.append(error)
 
     def send() -> None:
-        segment.identify("seg-user", {"email": "Seg.User@Example.com", "first_name": "Dewi"})
+        segment.identify("seg-user", {"email": "Seg.User@Example.com", "first_name": "Dewi", "subscribed": True})
         segment.track("seg-user", "Product Viewed", {"product_id": "p1"})
         segment.page("seg-user", "Docs", "Pricing", {"path": "/pricing"})
         for number in range(120):
@@ -99,7 +99,7 @@ async def test_parallel_identify_starts_one_journey(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
     calls = [
-        api.post("/v1/identify", json={"userId": "parallel", "traits": {"email": "Par.Allel@Example.com"}})
+        api.post("/v1/identify", json={"userId": "parallel", "traits": {"email": "Par.Allel@Example.com", "subscribed": True}})
         for _ in range(50)
     ]
     await asyncio.gather(*calls)
@@ -129,7 +129,7 @@ async def test_listen_only_event_without_active_run_starts_nothing(
 async def test_events_reach_journey_in_customer_order(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
-    await api.post("/v1/identify", json={"userId": "ordered", "traits": {"email": "o@example.com"}})
+    await api.post("/v1/identify", json={"userId": "ordered", "traits": {"email": "o@example.com", "subscribed": True}})
     batch = [{"type": "track", "userId": "ordered", "event": f"Step {n}"} for n in range(40)]
     await api.post("/v1/batch", json={"batch": batch})
     await wait_for_outbox_empty(pool)
@@ -158,7 +158,7 @@ async def test_events_accepted_while_temporal_down_all_arrive_once(
         async with api_server.client() as api:
             for user in users:
                 for call in (
-                    {"type": "identify", "userId": user, "traits": {"email": f"{user}@example.com"}},
+                    {"type": "identify", "userId": user, "traits": {"email": f"{user}@example.com", "subscribed": True}},
                     {"type": "track", "userId": user, "event": "Product Viewed"},
                 ):
                     response = await api.post("/v1/batch", json={"batch": [call]})
@@ -202,7 +202,7 @@ async def test_relay_standby_waits_for_active_relay(
 async def test_redelivered_outbox_row_not_delivered_twice(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
-    await api.post("/v1/identify", json={"userId": "again", "traits": {"email": "again@example.com"}, "messageId": "again-1"})
+    await api.post("/v1/identify", json={"userId": "again", "traits": {"email": "again@example.com", "subscribed": True}, "messageId": "again-1"})
     await wait_for_outbox_empty(pool)
     customer_id = await customer_id_of(pool, "again")
     event_id = (await event_ids_of(pool, customer_id))[0]

@@ -104,7 +104,7 @@ async def test_goal_ends_journey_by_event_time(
 
     result = await handle.result()
     assert result.outcome == "exited"
-    assert result.reason == "goal: Probe Goal"
+    assert result.reason == "goal reached: Probe Goal"
 
 
 async def test_goal_from_before_entry_ignored(
@@ -186,7 +186,7 @@ async def test_many_events_continue_as_new_keeping_state(
     assert result.outcome == "completed"
 
 
-async def test_welcome_starts_on_identify_with_email(
+async def test_welcome_starts_on_subscribing_identify(
     time_skipping_env: WorkflowEnvironment, journey_worker: Worker, pool: asyncpg.Pool
 ) -> None:
     client = time_skipping_env.client
@@ -195,7 +195,7 @@ async def test_welcome_starts_on_identify_with_email(
 
     handle = await deliver(
         client, journey_worker, "welcome",
-        make_event("identify", customer, now, event_type="identify", email="sari@example.com"),
+        make_event("identify", customer, now, event_type="identify", email="sari@example.com", subscribed=True),
     )
     result = await handle.result()
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from activities.db import migrate
 from bisik.logs import get_logger
 from bisik.settings import Settings
-from workers.stack import EmbeddedPostgres, MailSink, TemporalDevServer, ensure_port_free
+from workers.stack import (
+    EmbeddedPostgres,
+    MailSink,
+    PortInUseError,
+    TemporalDevServer,
+    ensure_port_free,
+)
 
 log = get_logger(__name__)
 
@@ -84,7 +90,11 @@ class DevStack:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Start everything, supervise until `stop` is set, then stop everything; return an exit code."""
-        self.check_ports()
+        try:
+            self.check_ports()
+        except PortInUseError as error:
+            log.error("dev.port_in_use", port=error.port, setting=error.setting, error=str(error))
+            return 1
         self.settings.home.mkdir(parents=True, exist_ok=True)
         try:
             database_url = await asyncio.to_thread(self.postgres.start)

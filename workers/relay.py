@@ -77,6 +77,7 @@ async def signal_with_start(
     event: JourneyEvent,
     task_queue: str,
     time_scale: float = 1.0,
+    send_timeout_seconds: float = 60.0,
     search_attributes: bool = True,
 ) -> WorkflowHandle[Any, Any]:
     """Deliver `event` to the journey's workflow for its customer, starting a run if none is open."""
@@ -90,7 +91,12 @@ async def signal_with_start(
         )
     return await client.start_workflow(
         journey,
-        JourneyInput(customer_id=event.customer_id, journey=journey, time_scale=time_scale),
+        JourneyInput(
+            customer_id=event.customer_id,
+            journey=journey,
+            time_scale=time_scale,
+            send_timeout_seconds=send_timeout_seconds,
+        ),
         id=journey_workflow_id(journey, event.customer_id),
         task_queue=task_queue,
         start_signal=EVENT_SIGNAL,
@@ -256,6 +262,7 @@ class OutboxRelay:
                     event=event,
                     task_queue=self.settings.temporal_task_queue,
                     time_scale=self.settings.time_scale,
+                    send_timeout_seconds=self.settings.send_timeout_seconds,
                     search_attributes=self.settings.temporal_search_attributes,
                 )
                 await self._open_run(journey, event.customer_id, workflow_id)

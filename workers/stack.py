@@ -319,6 +319,16 @@ class MailSink:
             self._controller = None
             log.info("smtp.stopped", address=f"{self.host}:{self.port}")
 
+    async def before_rcpt_reply(self, recipient: str) -> str | None:
+        """Called before the sink answers RCPT TO; a returned SMTP reply replaces `250 OK`.
+
+        Tests subclass the sink to delay here or to answer with a failure.
+        """
+        return None
+
+    async def before_data_reply(self, mail: ReceivedMail) -> None:
+        """Called once a message is stored, before the sink answers DATA."""
+
     def keep(self, mail: ReceivedMail, raw: bytes) -> None:
         with self._lock:
             if self.directory is not None:
@@ -358,6 +368,15 @@ class _SinkHandler:
     def __init__(self, sink: MailSink) -> None:
         self.sink = sink
 
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, _server: SMTP, _session: Session, envelope: Envelope, address: str, _options: list[str]
+    ) -> str:
+        reply = await self.sink.before_rcpt_reply(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, _server: SMTP, _session: Session, envelope: Envelope) -> str:  # noqa: N802 - aiosmtpd's hook name
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
@@ -370,6 +389,7 @@ class _SinkHandler:
             received_at=datetime.now(UTC),
         )
         self.sink.keep(mail, raw)
+        await self.sink.before_data_reply(mail)
         return "250 Message accepted for delivery"
 
 

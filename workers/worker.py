@@ -14,6 +14,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.db import create_pool
 from activities.journeys import JourneyRunActivities
+from activities.messaging import MessagingActivities
 from bisik import temporal
 from bisik.logs import get_logger
 from bisik.settings import Settings
@@ -30,7 +31,13 @@ workflow.logger.workflow_info_on_message = False
 def journey_activities(pool: asyncpg.Pool, settings: Settings) -> list[Any]:
     """Every activity a journey may call, bound to the pool and settings."""
     runs = JourneyRunActivities(pool)
-    return [runs.record_journey_run]
+    messaging = MessagingActivities(pool, settings)
+    return [
+        runs.record_journey_run,
+        runs.check_reentry,
+        messaging.load_profile,
+        messaging.send_message,
+    ]
 
 
 def build_worker(

@@ -6,10 +6,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from workflows.matching import EventView, On
+from workflows.abandoned_cart import AbandonedCart
+from workflows.post_purchase import PostPurchase
 from workflows.toolkit import Journey
 from workflows.welcome import Welcome
 
-JOURNEYS: tuple[type[Journey], ...] = (Welcome,)
+JOURNEYS: tuple[type[Journey], ...] = (Welcome, AbandonedCart, PostPurchase)
 
 
 @dataclass(frozen=True)

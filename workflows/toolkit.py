@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from bisik.models import (
@@ -37,6 +39,12 @@ with workflow.unsafe.imports_passed_through():
         JourneyInput,
         JourneyResult,
         JourneyRunRecord,
+        Profile,
+        ReentryCheck,
+        ReentryDecision,
+        ReentryRule,
+        SendRequest,
+        SendResult,
     )
     from workflows.matching import On, matches_any
 
@@ -45,15 +53,23 @@ SEEN_EVENT_IDS_KEPT = 5000
 # Events waiting in the inbox beyond this are dropped, oldest first, with a warning.
 INBOX_LIMIT = 2000
 
-RECORD_RUN_TIMEOUT = timedelta(seconds=30)
+LOCAL_ACTIVITY_TIMEOUT = timedelta(seconds=30)
+PROFILE_TIMEOUT = timedelta(seconds=30)
+# A message not sent within a day of its step is no longer the right message at the right time.
+SEND_GIVE_UP_AFTER = timedelta(days=1)
+SEND_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5),
+)
 
 
 class GoalReached(Exception):
-    """Raised inside a journey when a goal event arrives; `play()` turns it into an exit."""
+    """Raised inside a journey when a goal event happened; `play()` turns it into an exit."""
 
-    def __init__(self, event: JourneyEvent) -> None:
-        super().__init__(f"goal event {event.name or event.type} (event id {event.id})")
-        self.event = event
+    def __init__(self, goal: str) -> None:
+        super().__init__(f"goal reached: {goal}")
+        self.goal = goal
 
 
 class JourneyExit(Exception):
@@ -78,6 +94,7 @@ class Journey(Generic[StateT]):
     starts_on: ClassVar[tuple[On, ...]] = ()
     listens_to: ClassVar[tuple[On, ...]] = ()
     goals: ClassVar[tuple[On, ...]] = ()
+    reentry: ClassVar[ReentryRule] = ReentryRule.always()
     State: ClassVar[type[BaseModel]] = NoState
 
     @workflow.init
@@ -141,19 +158,96 @@ class Journey(Generic[StateT]):
             if self.trigger is None:
                 # Only the relay starts journeys, always with a start event as the first signal.
                 return JourneyResult(outcome="exited", reason="no start event", events_received=0)
-            await self._record_run("active")
-            workflow.logger.info("journey.entered", extra=self._log_fields())
             if self._goal_event is not None and self._goal_event.timestamp < self.trigger.timestamp:
                 # A goal that happened before this entry began belongs to an earlier visit.
                 self._goal_event = None
+            decision = await self._check_reentry()
+            await self._record_run("active")
+            if not decision.allowed:
+                return await self._finish("exited", f"re-entry not allowed: {decision.reason}")
+            workflow.logger.info("journey.entered", extra=self._log_fields())
 
         try:
             await self.steps()
         except GoalReached as goal:
-            return await self._finish("exited", f"goal: {goal.event.name or goal.event.type}")
+            return await self._finish("exited", str(goal))
         except JourneyExit as exit_:
             return await self._finish("exited", exit_.reason)
         return await self._finish("completed", "all steps done")
+
+    # Looking up and sending
+
+    async def profile(self) -> Profile:
+        """Return the customer's current profile: email, first name, locale, time zone, traits."""
+        return await workflow.execute_activity(
+            "load_profile",
+            self.customer_id,
+            result_type=Profile,
+            start_to_close_timeout=PROFILE_TIMEOUT,
+        )
+
+    async def send(
+        self,
+        template: str,
+        *,
+        step: str,
+        data: dict[str, Any] | None = None,
+        transactional: bool = False,
+        once_per_customer: bool = False,
+    ) -> SendResult:
+        """Send `template` to the customer, at most once for this step of this entry.
+
+        The idempotency key is the workflow id, the entry (its trigger event) and `step`; with
+        `once_per_customer` it leaves out the entry, so the step is sent once across entries
+        (one thank-you per order id, say). A goal already stored for the customer cancels a
+        marketing message at send time and ends the journey.
+        """
+        if step in self.completed_steps:
+            return SendResult.model_validate(self.completed_steps[step])
+        self._raise_if_goal_reached()
+
+        info = workflow.info()
+        scope = step if once_per_customer else f"{self.trigger_id}:{step}"
+        request = SendRequest(
+            idempotency_key=f"{info.workflow_id}:{scope}",
+            customer_id=self.customer_id,
+            journey=self.name,
+            workflow_id=info.workflow_id,
+            step=step,
+            template=template,
+            transactional=transactional,
+            data=data or {},
+            step_at=workflow.now(),
+            goal_events=[] if transactional else self._goal_event_names(),
+            goal_since=self.entered_at,
+        )
+        try:
+            result = await workflow.execute_activity(
+                "send_message",
+                request,
+                result_type=SendResult,
+                start_to_close_timeout=timedelta(seconds=self.input.send_timeout_seconds),
+                schedule_to_close_timeout=SEND_GIVE_UP_AFTER,
+                retry_policy=SEND_RETRY_POLICY,
+            )
+        except ActivityError as error:
+            workflow.logger.error(
+                "journey.send_gave_up", extra={**self._log_fields(), "step": step, "error": str(error.cause)}
+            )
+            result = SendResult(status="failed", reason=f"gave up: {error.cause}")
+
+        self.completed_steps[step] = result.model_dump(mode="json")
+        if result.status == "goal_reached":
+            raise GoalReached((result.reason or "").removeprefix("goal reached: "))
+        if result.status == "suppressed":
+            raise JourneyExit(f"suppressed: {result.reason}")
+        return result
+
+    @property
+    def trigger_id(self) -> int:
+        if self.trigger is None:
+            raise RuntimeError("trigger_id is known only once play() has taken the start event")
+        return self.trigger.id
 
     @property
     def entered_at(self) -> datetime:
@@ -237,7 +331,24 @@ class Journey(Generic[StateT]):
 
     def _raise_if_goal_reached(self) -> None:
         if self._goal_event is not None:
-            raise GoalReached(self._goal_event)
+            raise GoalReached(self._goal_event.name or self._goal_event.type)
+
+    def _goal_event_names(self) -> list[str]:
+        return [goal.name for goal in self.goals if goal.type == "track" and goal.name is not None]
+
+    async def _check_reentry(self) -> ReentryDecision:
+        if self.reentry.kind == "always":
+            return ReentryDecision(allowed=True)
+        check = ReentryCheck(
+            customer_id=self.customer_id,
+            journey=self.name,
+            rule=self.reentry,
+            now=workflow.now(),
+            time_scale=self.input.time_scale,
+        )
+        return await workflow.execute_local_activity(
+            "check_reentry", check, result_type=ReentryDecision, start_to_close_timeout=LOCAL_ACTIVITY_TIMEOUT
+        )
 
     def _continue_as_new_if_due(self) -> None:
         info = workflow.info()
@@ -284,9 +395,10 @@ class Journey(Generic[StateT]):
             run_id=info.first_execution_run_id,
             status=status,  # type: ignore[arg-type]
             reason=reason,
+            at=workflow.now(),
         )
         await workflow.execute_local_activity(
-            "record_journey_run", record, start_to_close_timeout=RECORD_RUN_TIMEOUT
+            "record_journey_run", record, start_to_close_timeout=LOCAL_ACTIVITY_TIMEOUT
         )
 
     def _log_fields(self) -> dict[str, Any]:

@@ -13,8 +13,10 @@ with workflow.unsafe.imports_passed_through():
     from workflows.toolkit import Journey
 
 
-def _has_email(event: EventView) -> bool:
-    return isinstance((event.traits or {}).get("email"), str)
+def _subscribes(event: EventView) -> bool:
+    """An identify that signs the contact up: `subscribed` or `newsletter` set to true."""
+    traits = event.traits or {}
+    return traits.get("subscribed") is True or traits.get("newsletter") is True
 
 
 ENGAGEMENT = (page(), track())
@@ -28,7 +30,7 @@ class WelcomeState(BaseModel):
 @workflow.defn(name="welcome")
 class Welcome(Journey[WelcomeState]):
     name = "welcome"
-    starts_on = (track("Signed Up"), identify(where=_has_email))
+    starts_on = (track("Signed Up"), identify(where=_subscribes))
     listens_to = ENGAGEMENT
     State = WelcomeState
 

@@ -1,0 +1,275 @@
+"""Activities that look up profiles and send journey messages, at most once per idempotency key.
+
+`send_message` walks one row of the message log through its states:
+
+    claimed  -> the row exists; nothing has reached the provider, so a retry may send
+    sending  -> recorded just before the message body goes to the provider
+    sent | skipped | suppressed | failed | unknown   (final)
+
+A retry that finds a final row returns it unchanged. A retry that finds `sending` means an
+earlier attempt died while the provider may have taken the message (worker killed, reply lost):
+it records `unknown` and does not send. That window is the DATA exchange plus one database
+write, and no SMTP client can make it smaller, because SMTP has no way to ask whether a message
+was delivered.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.email import (
+    DeliveryUnknownError,
+    EmailSender,
+    OutgoingEmail,
+    PermanentSendError,
+    RetryableSendError,
+)
+from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
+from bisik.logs import get_logger, mask_email
+from bisik.models import Profile, SendRequest, SendResult
+from bisik.settings import Settings
+
+log = get_logger(__name__)
+
+FINAL_STATUSES = {"sent", "skipped", "suppressed", "failed", "unknown"}
+LOG_EVENTS = {
+    "sent": "message.sent",
+    "skipped": "message.skipped",
+    "suppressed": "message.suppressed",
+    "failed": "message.failed",
+    "unknown": "message.outcome_unknown",
+}
+
+
+def normalize_locale(value: Any, default: str) -> str:
+    """Map `id`, `id-ID`, `id_ID` to `id` and `en-US` to `en`; anything else to `default`."""
+    if isinstance(value, str):
+        language = value.replace("_", "-").split("-")[0].lower()
+        if language in ("en", "id"):
+            return language
+    return default
+
+
+class MessagingActivities:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        renderer: TemplateRenderer | None = None,
+        sender: EmailSender | None = None,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.renderer = renderer or TemplateRenderer(default_currency=settings.default_currency)
+        self.sender = sender or EmailSender(settings)
+
+    @activity.defn(name="load_profile")
+    async def load_profile(self, customer_id: str) -> Profile:
+        profile = await self.fetch_profile(customer_id)
+        if profile is None:
+            raise ApplicationError(f"customer {customer_id} not found", non_retryable=True)
+        return profile
+
+    async def fetch_profile(self, customer_id: str) -> Profile | None:
+        row = await self.pool.fetchrow(
+            """
+            SELECT c.id, c.email, c.traits FROM customers c
+            WHERE c.id = (SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1)
+            """,
+            customer_id,
+        )
+        if row is None:
+            return None
+        traits = row["traits"] or {}
+        first_name = traits.get("first_name") or traits.get("firstName")
+        if not first_name and isinstance(traits.get("name"), str):
+            first_name = traits["name"].split()[0] if traits["name"].split() else None
+        return Profile(
+            customer_id=row["id"],
+            email=row["email"],
+            first_name=first_name if isinstance(first_name, str) and first_name.strip() else None,
+            locale=normalize_locale(traits.get("locale"), self.settings.default_locale),  # type: ignore[arg-type]
+            timezone=traits.get("timezone") if isinstance(traits.get("timezone"), str) else self.settings.default_timezone,
+            traits=traits,
+        )
+
+    @activity.defn(name="send_message")
+    async def send_message(self, request: SendRequest) -> SendResult:
+        row = await self._claim(request)
+        if row["status"] in FINAL_STATUSES:
+            return self._result_of(row)
+        if row["status"] == "sending":
+            # An earlier attempt handed the message to the provider and did not live to record
+            # the answer. Sending again could deliver it twice; at most once wins.
+            return await self._finish(
+                row["id"], "unknown", "an earlier attempt stopped after handing the message to the provider"
+            )
+
+        profile = await self.fetch_profile(request.customer_id)
+        if profile is None or profile.email is None:
+            return await self._finish(row["id"], "skipped", "no email address")
+
+        goal = await self._goal_reached(request, profile.customer_id)
+        if goal is not None:
+            result = await self._finish(row["id"], "skipped", f"goal reached: {goal}")
+            return result.model_copy(update={"status": "goal_reached"})
+
+        try:
+            rendered = self.renderer.render(request.template, profile.locale, self._context(request, profile))
+        except (RenderError, TemplateNotFound) as error:
+            return await self._finish(row["id"], "failed", str(error), level="error")
+
+        outgoing = OutgoingEmail(
+            recipient=profile.email,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            idempotency_key=request.idempotency_key,
+            headers={"X-Bisik-Journey": request.journey, "X-Bisik-Step": request.step},
+        )
+        message = self.sender.build(outgoing)
+        await self.pool.execute(
+            "UPDATE messages SET locale = $2, recipient = $3, subject = $4, provider_message_id = $5, updated_at = now() WHERE id = $1",
+            row["id"],
+            rendered.locale,
+            profile.email,
+            rendered.subject,
+            str(message["Message-ID"]),
+        )
+        return await self._deliver(row["id"], request, message)
+
+    async def _deliver(self, message_row: int, request: SendRequest, message: Any) -> SendResult:
+        async def mark_sending() -> None:
+            await self.pool.execute(
+                "UPDATE messages SET status = 'sending', updated_at = now() WHERE id = $1", message_row
+            )
+
+        try:
+            reply = await self.sender.send(message, before_data=mark_sending)
+        except PermanentSendError as error:
+            return await self._finish(message_row, "failed", str(error), level="error")
+        except DeliveryUnknownError as error:
+            return await self._finish(message_row, "unknown", str(error), level="warning")
+        except RetryableSendError as error:
+            await self.pool.execute(
+                "UPDATE messages SET status = 'claimed', reason = $2, updated_at = now() WHERE id = $1 AND status IN ('claimed', 'sending')",
+                message_row,
+                str(error),
+            )
+            log.warning(
+                "message.send_retried",
+                message_id=message_row,
+                journey=request.journey,
+                step=request.step,
+                error=str(error),
+            )
+            raise
+        return await self._finish(message_row, "sent", None, provider_response=reply)
+
+    async def _claim(self, request: SendRequest) -> asyncpg.Record:
+        row = await self.pool.fetchrow(
+            """
+            INSERT INTO messages (
+                idempotency_key, customer_id, journey, workflow_id, step, template, channel,
+                transactional, status, step_at, attempts
+            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, 1)
+            ON CONFLICT (idempotency_key) DO UPDATE SET attempts = messages.attempts + 1, updated_at = now()
+            RETURNING id, status, reason, provider_message_id
+            """,
+            request.idempotency_key,
+            request.customer_id,
+            request.journey,
+            request.workflow_id,
+            request.step,
+            request.template,
+            request.channel,
+            request.transactional,
+            request.step_at,
+        )
+        if row is None:
+            raise RuntimeError("claiming the message row returned nothing")
+        return row
+
+    async def _goal_reached(self, request: SendRequest, customer_id: str) -> str | None:
+        """Return the name of a goal event already stored for this customer, if any.
+
+        Catches goals stored but not yet delivered to the journey, such as an order placed
+        before a reminder is due that reaches the workflow after it.
+        """
+        if not request.goal_events or request.goal_since is None:
+            return None
+        return await self.pool.fetchval(
+            """
+            SELECT name FROM events
+            WHERE customer_id = $1 AND type = 'track' AND name = ANY($2::text[]) AND timestamp >= $3
+            ORDER BY timestamp LIMIT 1
+            """,
+            customer_id,
+            request.goal_events,
+            request.goal_since,
+        )
+
+    def _context(self, request: SendRequest, profile: Profile) -> dict[str, Any]:
+        return {
+            **request.data,
+            "customer": {
+                "first_name": profile.first_name,
+                "email": profile.email,
+                "traits": profile.traits,
+            },
+            "brand_name": self.settings.brand_name,
+            "shop_url": self.settings.shop_url.rstrip("/"),
+            "public_url": self.settings.public_url.rstrip("/"),
+        }
+
+    async def _finish(
+        self,
+        message_row: int,
+        status: str,
+        reason: str | None,
+        *,
+        provider_response: str | None = None,
+        level: str = "info",
+    ) -> SendResult:
+        row = await self.pool.fetchrow(
+            """
+            UPDATE messages SET
+                status = $2,
+                reason = $3,
+                provider_response = COALESCE($4, provider_response),
+                sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END,
+                updated_at = now()
+            WHERE id = $1
+            RETURNING id, status, reason, provider_message_id, customer_id, journey, workflow_id, step, template, recipient
+            """,
+            message_row,
+            status,
+            reason,
+            provider_response,
+        )
+        getattr(log, level)(
+            LOG_EVENTS[status],
+            message_id=row["id"],
+            workflow_id=row["workflow_id"],
+            customer_id=row["customer_id"],
+            journey=row["journey"],
+            step=row["step"],
+            template=row["template"],
+            recipient=mask_email(row["recipient"] or ""),
+            reason=reason,
+        )
+        return self._result_of(row)
+
+    @staticmethod
+    def _result_of(row: asyncpg.Record) -> SendResult:
+        return SendResult(
+            status=row["status"],
+            reason=row["reason"],
+            message_id=row["id"],
+            provider_message_id=row["provider_message_id"],
+        )

@@ -1,0 +1,1 @@
+"""Message templates: `email/<name>.<locale>.yaml`, rendered by activities.templates."""
