@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -125,6 +126,95 @@ def migrate(
             await temporal_client.register_search_attributes(client, settings.temporal_namespace)
 
     asyncio.run(main())
+
+
+DEFAULT_DEMO_FILE = Path("../shared/data/rees46/2019-Oct-first-3h.csv")
+FILE_FORMATS = ("auto", "rees46", "segment", "cdnow")
+LOCALE_CHOICES = ("mixed", "en", "id")
+
+
+@app.command()
+def replay(
+    file: Annotated[Path, typer.Argument(help="REES46 CSV, Segment JSON lines or CDNOW purchases.")],
+    time_scale: Annotated[
+        float | None,
+        typer.Option(help="Divide the gaps between events by this; defaults to BISIK_TIME_SCALE."),
+    ] = None,
+    api_url: Annotated[str | None, typer.Option(help="Bisik API to send to; defaults to BISIK_API_HOST:BISIK_API_PORT.")] = None,
+    file_format: Annotated[str, typer.Option("--format", help=f"One of {', '.join(FILE_FORMATS)}.")] = "auto",
+    locales: Annotated[
+        str, typer.Option(help="Locale given to replayed shoppers: en, id, or mixed (a stable half each).")
+    ] = "mixed",
+) -> None:
+    """Send recorded behaviour through the HTTP API, shifted to now and paced by the time scale."""
+    from bisik.replay import ReplayFormatError, read_calls
+    from bisik.replay import replay as send_calls
+
+    settings = load_settings()
+    if file_format not in FILE_FORMATS:
+        typer.echo(f"invalid --format {file_format!r}: use one of {', '.join(FILE_FORMATS)}", err=True)
+        raise typer.Exit(2)
+    if locales not in LOCALE_CHOICES:
+        typer.echo(f"invalid --locales {locales!r}: use one of {', '.join(LOCALE_CHOICES)}", err=True)
+        raise typer.Exit(2)
+    scale = time_scale if time_scale is not None else settings.time_scale
+    if scale <= 0:
+        typer.echo(f"invalid --time-scale {scale:g}: it must be greater than 0", err=True)
+        raise typer.Exit(2)
+    try:
+        calls = read_calls(file, file_format, locales)
+    except ReplayFormatError as error:
+        typer.echo(f"cannot replay: {error}", err=True)
+        raise typer.Exit(2) from None
+
+    url = api_url or f"http://{settings.api_host}:{settings.api_port}"
+    stats = asyncio.run(
+        send_calls(calls, api_url=url, write_key=settings.write_keys[0].get_secret_value(), time_scale=scale)
+    )
+    log.info(
+        "replay.done",
+        calls=stats.calls,
+        stored=stats.stored,
+        duplicates=stats.duplicates,
+        users=stats.users,
+        seconds=round(stats.seconds, 1),
+        calls_per_second=round(stats.calls_per_second, 1),
+    )
+
+
+@app.command()
+def demo(
+    file: Annotated[Path, typer.Argument(help="Recorded behaviour to replay.")] = DEFAULT_DEMO_FILE,
+    time_scale: Annotated[
+        float, typer.Option(help="Journey delays and replay gaps are divided by this; 720 makes a day two minutes.")
+    ] = 720.0,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the stack up after the report, to browse the Temporal UI and the mail.")
+    ] = False,
+    report_json: Annotated[Path | None, typer.Option(help="Also write the report as JSON to this file.")] = None,
+    locales: Annotated[str, typer.Option(help="Locale of replayed shoppers: en, id or mixed.")] = "mixed",
+) -> None:
+    """Replay real shop data through a fresh local stack, wait for the journeys, print a report."""
+    from bisik.replay import ReplayFormatError
+    from workers.demo import Demo
+
+    settings = load_settings()
+    if time_scale <= 0:
+        typer.echo(f"invalid --time-scale {time_scale:g}: it must be greater than 0", err=True)
+        raise typer.Exit(2)
+    if locales not in LOCALE_CHOICES:
+        typer.echo(f"invalid --locales {locales!r}: use one of {', '.join(LOCALE_CHOICES)}", err=True)
+        raise typer.Exit(2)
+    if not file.is_file():
+        typer.echo(f"cannot replay {file}: no such file; pass the path to a REES46 CSV", err=True)
+        raise typer.Exit(2)
+    settings = settings.model_copy(update={"time_scale": time_scale})
+    runner = Demo(settings, file, keep_running=keep_running, report_json=report_json, locales=locales)
+    try:
+        raise typer.Exit(run_until_signalled(runner.run))
+    except ReplayFormatError as error:
+        typer.echo(f"cannot replay: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

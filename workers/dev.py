@@ -67,8 +67,11 @@ class ChildProcess:
 
 
 class DevStack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, extra_environment: dict[str, str] | None = None) -> None:
+        """`extra_environment` adds variables for the API and worker processes (the demo's time scale)."""
         self.settings = settings
+        self.extra_environment = extra_environment or {}
+        self.database_url: str | None = None
         home = settings.home.resolve()
         self.postgres = EmbeddedPostgres(home / "postgres")
         self.temporal = TemporalDevServer(
@@ -95,32 +98,48 @@ class DevStack:
         except PortInUseError as error:
             log.error("dev.port_in_use", port=error.port, setting=error.setting, error=str(error))
             return 1
-        self.settings.home.mkdir(parents=True, exist_ok=True)
         try:
-            database_url = await asyncio.to_thread(self.postgres.start)
-            await migrate(database_url)
-            await self.temporal.start()
-            self.mail.start()
-
-            environment = {**os.environ, "BISIK_DATABASE_URL": database_url}
-            self.children = [
-                ChildProcess("worker", ["worker"], environment),
-                ChildProcess("api", ["api"], environment),
-            ]
-            for child in self.children:
-                await child.start()
+            await self.start()
             log.info(
                 "dev.ready",
-                api=f"http://{self.settings.api_host}:{self.settings.api_port}",
+                api=self.api_url,
                 temporal_ui=f"http://{self.settings.temporal_host}:{self.settings.temporal_ui_port}",
                 mail_dir=str(self.mail.directory),
                 hint="press Ctrl-C to stop everything",
             )
-            return await self._supervise(stop)
+            return await self.supervise(stop)
         finally:
-            await self._stop_all()
+            await self.stop()
 
-    async def _supervise(self, stop: asyncio.Event) -> int:
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    async def start(self) -> str:
+        """Start every server and process; return the database URL."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        database_url = await asyncio.to_thread(self.postgres.start)
+        self.database_url = database_url
+        await migrate(database_url)
+        await self.temporal.start()
+        self.mail.start()
+
+        environment = {
+            **os.environ,
+            **self.extra_environment,
+            "BISIK_HOME": str(self.settings.home.resolve()),
+            "BISIK_DATABASE_URL": database_url,
+        }
+        self.children = [
+            ChildProcess("worker", ["worker"], environment),
+            ChildProcess("api", ["api"], environment),
+        ]
+        for child in self.children:
+            await child.start()
+        return database_url
+
+    async def supervise(self, stop: asyncio.Event) -> int:
+        """Restart the API and worker when they exit on their own, until `stop` is set."""
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -144,7 +163,7 @@ class DevStack:
                 await child.start()
         return 0
 
-    async def _stop_all(self) -> None:
+    async def stop(self) -> None:
         for child in reversed(self.children):
             await child.stop()
         self.mail.stop()

@@ -342,6 +342,8 @@ class MailSink:
                     "to": mail.recipients,
                     "subject": mail.subject,
                     "message_id": mail.header("Message-ID"),
+                    "journey": mail.header("X-Bisik-Journey"),
+                    "step": mail.header("X-Bisik-Step"),
                 }
                 with (self.directory / "index.jsonl").open("a", encoding="utf-8") as index:
                     index.write(json.dumps(entry) + "\n")

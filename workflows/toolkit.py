@@ -170,10 +170,13 @@ class Journey(Generic[StateT]):
         try:
             await self.steps()
         except GoalReached as goal:
-            return await self._finish("exited", str(goal))
+            result = await self._finish("exited", str(goal))
         except JourneyExit as exit_:
-            return await self._finish("exited", exit_.reason)
-        return await self._finish("completed", "all steps done")
+            result = await self._finish("exited", exit_.reason)
+        else:
+            result = await self._finish("completed", "all steps done")
+        self._reenter_with_unhandled_starts()
+        return result
 
     # Looking up and sending
 
@@ -362,6 +365,30 @@ class Journey(Generic[StateT]):
             extra={**self._log_fields(), "history_length": info.get_current_history_length()},
         )
         workflow.continue_as_new(self._next_input())
+
+    def _reenter_with_unhandled_starts(self) -> None:
+        """Start a new entry from start events that arrived while this one was ending.
+
+        Without this, a `Product Added` that reaches a cart journey as it exits on an order
+        would be delivered to a run that is about to close, and no new entry would begin.
+        """
+        leftovers = [event for event in self._inbox if matches_any(event, self.starts_on)]
+        if not leftovers or self.reentry.kind == "never":
+            return
+        workflow.logger.info(
+            "journey.reentered", extra={**self._log_fields(), "start_event_id": leftovers[0].id}
+        )
+        workflow.continue_as_new(
+            JourneyInput(
+                customer_id=self.customer_id,
+                journey=self.name,
+                time_scale=self.input.time_scale,
+                history_limit=self.input.history_limit,
+                send_timeout_seconds=self.input.send_timeout_seconds,
+                pending_events=leftovers,
+                seen_event_ids=list(self._seen),
+            )
+        )
 
     def _next_input(self) -> JourneyInput:
         return self.input.model_copy(

@@ -19,7 +19,8 @@ def _subscribes(event: EventView) -> bool:
     return traits.get("subscribed") is True or traits.get("newsletter") is True
 
 
-ENGAGEMENT = (page(), track())
+# Signs that a new contact is warming up: a site visit, a click in one of our emails, an order.
+ENGAGEMENT = (page(), track("Email Link Clicked"), track("Order Completed"))
 
 
 class WelcomeState(BaseModel):
