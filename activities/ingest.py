@@ -11,9 +11,12 @@ import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
+from activities.catalog import CatalogStore
 from activities.identity import IdentityResolver, merge_traits
 from bisik.models import IncomingEvent, normalize_email
 from bisik.logs import get_logger
@@ -21,6 +24,10 @@ from bisik.logs import get_logger
 log = get_logger(__name__)
 
 OUTBOX_CHANNEL = "bisik_outbox"
+# Events whose properties describe a product, and so keep the catalog current.
+PRODUCT_EVENTS = {"Product Viewed", "Product Added"}
+# Source of events Bisik records itself rather than receives from a client.
+SYSTEM_SOURCE = "bisik"
 # Errors that two concurrent transactions can cause each other; the whole transaction is retried.
 RETRYABLE_ERRORS = (
     asyncpg.exceptions.DeadlockDetectedError,
@@ -91,6 +98,7 @@ class EventStore:
                     duplicates += 1
                     continue
                 customer_id = await resolver.resolve(event)
+                await self._derive(connection, event, customer_id)
                 event_id = await self._insert_event(connection, event, customer_id)
                 if event_id is None:
                     duplicates += 1
@@ -108,6 +116,78 @@ class EventStore:
             if routed:
                 await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         return StoreResult(stored=stored, duplicates=duplicates, routed=routed)
+
+    async def record_system_event(
+        self,
+        customer_id: str,
+        name: str,
+        properties: dict[str, Any],
+        *,
+        message_id: str,
+        source: str = SYSTEM_SOURCE,
+    ) -> int | None:
+        """Store an event Bisik itself observed about a customer (an unsubscribe, a survey answer).
+
+        Returns the new event id, or None when `message_id` was stored before. It does not
+        count as the customer's own activity, so `last_seen_at` stays as it was.
+        """
+        now = datetime.now(UTC)
+        async with self.pool.acquire() as connection, connection.transaction():
+            customer = await connection.fetchval(
+                "SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1", customer_id
+            )
+            if customer is None:
+                raise LookupError(f"customer {customer_id} not found")
+            event_id = await connection.fetchval(
+                """
+                INSERT INTO events (source, message_id, type, name, customer_id, timestamp, received_at, properties, context, payload)
+                VALUES ($1, $2, 'track', $3, $4, $5, $5, $6, '{}'::jsonb, $7)
+                ON CONFLICT (source, message_id) DO NOTHING
+                RETURNING id
+                """,
+                source,
+                message_id,
+                name,
+                customer,
+                now,
+                properties,
+                {"type": "track", "event": name, "properties": properties, "messageId": message_id},
+            )
+            if event_id is None:
+                return None
+            probe = IncomingEvent(
+                source=source, message_id=message_id, type="track", name=name, user_id=None,
+                anonymous_id=None, email=None, previous_id=None, timestamp=now,
+                original_timestamp=None, sent_at=None, received_at=now, properties=properties,
+                traits=None, context={}, payload={},
+            )  # fmt: skip
+            if self.needs_routing(probe):
+                await connection.execute(
+                    "INSERT INTO outbox (event_id, customer_id) VALUES ($1, $2)", event_id, customer
+                )
+                await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        return event_id
+
+    async def _derive(self, connection: asyncpg.Connection, event: IncomingEvent, customer_id: str) -> None:
+        """Compute what journeys route on but the client did not send, and update the catalog."""
+        if event.type != "track" or event.name not in PRODUCT_EVENTS or not event.properties:
+            return
+        await CatalogStore.update_from_event(connection, event.properties)
+        product_id = event.properties.get("product_id") or event.properties.get("sku")
+        if event.name != "Product Viewed" or product_id is None:
+            return
+        earlier_views = await connection.fetchval(
+            """
+            SELECT count(*) FROM events
+            WHERE customer_id = $1 AND name = 'Product Viewed' AND type = 'track'
+              AND properties ->> 'product_id' = $2
+              AND timestamp > $3::timestamptz - interval '24 hours' AND timestamp <= $3::timestamptz
+            """,
+            customer_id,
+            str(product_id),
+            event.timestamp,
+        )
+        event.derived["product_views_24h"] = earlier_views + 1
 
     async def _stored_message_ids(
         self, connection: asyncpg.Connection, events: list[IncomingEvent]
@@ -129,8 +209,8 @@ class EventStore:
             """
             INSERT INTO events (
                 source, message_id, type, name, customer_id, user_id, anonymous_id, timestamp,
-                original_timestamp, sent_at, received_at, properties, traits, context, payload
-            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                original_timestamp, sent_at, received_at, properties, traits, context, payload, derived
+            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
             ON CONFLICT (source, message_id) DO NOTHING
             RETURNING id
             """,
@@ -149,6 +229,7 @@ class EventStore:
             event.traits,
             event.context,
             event.payload,
+            event.derived,
         )
 
     async def _update_profile(

@@ -29,7 +29,9 @@ from activities.email import (
     PermanentSendError,
     RetryableSendError,
 )
+from activities.suppressions import SuppressionStore
 from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
+from bisik.links import LinkSigner
 from bisik.logs import get_logger, mask_email
 from bisik.models import Profile, SendRequest, SendResult
 from bisik.settings import Settings
@@ -67,6 +69,8 @@ class MessagingActivities:
         self.settings = settings
         self.renderer = renderer or TemplateRenderer(default_currency=settings.default_currency)
         self.sender = sender or EmailSender(settings)
+        self.suppressions = SuppressionStore(pool)
+        self.links = LinkSigner(settings.secret_key.get_secret_value())
 
     @activity.defn(name="load_profile")
     async def load_profile(self, customer_id: str) -> Profile:
@@ -114,13 +118,23 @@ class MessagingActivities:
         if profile is None or profile.email is None:
             return await self._finish(row["id"], "skipped", "no email address")
 
+        if not request.transactional:
+            suppressed = await self.suppressions.reason_suppressed(profile.customer_id, request.channel)
+            if suppressed is not None:
+                return await self._finish(row["id"], "suppressed", suppressed)
+
         goal = await self._goal_reached(request, profile.customer_id)
         if goal is not None:
             result = await self._finish(row["id"], "skipped", f"goal reached: {goal}")
             return result.model_copy(update={"status": "goal_reached"})
 
+        unsubscribe_url = None
+        if not request.transactional:
+            token = self.links.unsubscribe_token(profile.customer_id, row["id"], request.channel)
+            unsubscribe_url = f"{self.settings.public_url.rstrip('/')}/u/{token}"
+        context = self._context(request, profile, unsubscribe_url)
         try:
-            rendered = self.renderer.render(request.template, profile.locale, self._context(request, profile))
+            rendered = self.renderer.render(request.template, profile.locale, context)
         except (RenderError, TemplateNotFound) as error:
             return await self._finish(row["id"], "failed", str(error), level="error")
 
@@ -130,7 +144,7 @@ class MessagingActivities:
             text=rendered.text,
             html=rendered.html,
             idempotency_key=request.idempotency_key,
-            headers={"X-Bisik-Journey": request.journey, "X-Bisik-Step": request.step},
+            headers=self._headers(request, unsubscribe_url),
         )
         message = self.sender.build(outgoing)
         await self.pool.execute(
@@ -214,9 +228,20 @@ class MessagingActivities:
             request.goal_since,
         )
 
-    def _context(self, request: SendRequest, profile: Profile) -> dict[str, Any]:
+    @staticmethod
+    def _headers(request: SendRequest, unsubscribe_url: str | None) -> dict[str, str]:
+        headers = {"X-Bisik-Journey": request.journey, "X-Bisik-Step": request.step}
+        if unsubscribe_url is not None:
+            # One-click unsubscribe (RFC 8058): mail clients POST to this URL on the user's behalf.
+            headers["List-Unsubscribe"] = f"<{unsubscribe_url}>"
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        return headers
+
+    def _context(self, request: SendRequest, profile: Profile, unsubscribe_url: str | None) -> dict[str, Any]:
         return {
             **request.data,
+            "unsubscribe_url": unsubscribe_url,
+            "transactional": request.transactional,
             "customer": {
                 "first_name": profile.first_name,
                 "email": profile.email,

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request, Response
 
 from activities.db import create_pool
 from activities.ingest import EventStore
-from api.errors import install_error_handlers
-from api.routes import ingest
+from api.errors import ApiError, install_error_handlers
+from api.routes import ingest, unsubscribe
+from bisik.links import LinkSigner
 from bisik.logs import get_logger
 from bisik.settings import Settings
 from workflows.registry import JOURNEYS, RoutingIndex
@@ -49,8 +50,10 @@ def create_app(settings: Settings, journeys: tuple[type[Journey], ...] = JOURNEY
     app = FastAPI(title="Bisik", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.routing = routing
+    app.state.links = LinkSigner(settings.secret_key.get_secret_value())
     install_error_handlers(app)
     app.include_router(ingest.router)
+    app.include_router(unsubscribe.router)
 
     @app.get("/health", tags=["operations"])
     async def health(request: Request) -> dict[str, str]:
@@ -64,7 +67,14 @@ def create_app(settings: Settings, journeys: tuple[type[Journey], ...] = JOURNEY
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as error:
+            # Answer the caller with JSON instead of letting the server drop the connection.
+            log.error("http.unhandled_error", path=request.url.path, exc_info=error)
+            response = ApiError(
+                500, "internal_error", "the server failed to handle the request; it was logged"
+            ).to_response()
         log.info(
             "http.request",
             method=request.method,

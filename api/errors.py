@@ -94,10 +94,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return ApiError(error.status_code, code, str(error.detail), headers=error.headers).to_response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        log.error("http.unhandled_error", path=request.url.path, exc_info=error)
-        return ApiError(
-            500, "internal_error", "the server failed to handle the request; it was logged"
-        ).to_response()

@@ -5,7 +5,7 @@ Nothing here does I/O, so workflow code can import this module through the sandb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -38,6 +38,9 @@ class JourneyEvent(BaseModel):
     received_at: datetime
     properties: dict[str, Any] = Field(default_factory=dict)
     traits: dict[str, Any] = Field(default_factory=dict)
+    derived: dict[str, Any] = Field(
+        default_factory=dict, description="Facts Bisik computed at ingest, such as product_views_24h."
+    )
 
 
 class JourneyInput(BaseModel):
@@ -141,6 +144,7 @@ class IncomingEvent:
     traits: dict[str, Any] | None
     context: dict[str, Any]
     payload: dict[str, Any]
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @property
     def identity_keys(self) -> list[str]:
@@ -212,3 +216,30 @@ class SendResult(BaseModel):
     reason: str | None = None
     message_id: int | None = Field(None, description="Row id in the message log.")
     provider_message_id: str | None = None
+
+
+class CatalogProduct(BaseModel):
+    product_id: str
+    name: str
+    brand: str | None = None
+    category: str | None = None
+    price: float | None = None
+    currency: str | None = None
+    image_url: str | None = None
+    url: str | None = None
+    stock: int | None = None
+
+
+class SimilarProductsRequest(BaseModel):
+    customer_id: str
+    categories: list[str]
+    exclude_product_ids: list[str] = Field(default_factory=list)
+    limit: int = Field(3, ge=1, le=20)
+
+
+class CustomerActivity(BaseModel):
+    """When a customer last did anything, for journeys that wait for silence."""
+
+    customer_id: str
+    last_seen_at: datetime | None
+    suppressed: str | None = Field(None, description="Why marketing email may not reach them, if it may not.")

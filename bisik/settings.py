@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # Journeys
     default_locale: Literal["en", "id"] = "en"
     default_timezone: str = "Asia/Jakarta"
+    high_intent_pages: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/pricing", "/demo", "Pricing", "Demo"],
+        description="Page paths or names that count as high intent, comma-separated.",
+    )
     time_scale: float = Field(
         1.0,
         gt=0,
@@ -118,9 +122,9 @@ class Settings(BaseSettings):
         "auto", description="`auto` writes JSON unless standard error is a terminal."
     )
 
-    @field_validator("write_keys", mode="before")
+    @field_validator("write_keys", "high_intent_pages", mode="before")
     @classmethod
-    def _split_write_keys(cls, value: object) -> object:
+    def _split_comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value

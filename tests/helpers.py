@@ -53,4 +53,5 @@ async def store_call(pool, call: dict, *, source: str = "src_test", received_at=
         received_at=row["received_at"],
         properties=row["properties"] or {},
         traits=row["traits"] or {},
+        derived=row["derived"] or {},
     )

@@ -60,9 +60,14 @@ def test_routing_index_matches_by_type_and_name() -> None:
 async def test_segment_library_events_reach_journey(
     api_server: ApiServer, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
-    segment = SegmentClient(WRITE_KEY, host=api_server.url, upload_size=50, max_retries=1, sync_mode=False)
     errors: list[Exception] = []
-    segment.on_error = lambda error, _batch: errors.append(error)
+    segment = SegmentClient(
+        WRITE_KEY,
+        host=api_server.url,
+        upload_size=50,
+        max_retries=3,
+        on_error=lambda error, _batch: errors.append(error),
+    )
 
     def send() -> None:
         segment.identify("seg-user", {"email": "Seg.User@Example.com", "first_name": "Dewi", "subscribed": True})

@@ -14,7 +14,13 @@ CART = {
     "total": 926.0,
     "currency": "USD",
 }
-BASE = {"brand_name": "Toko Bisik", "shop_url": "https://shop.example.com", "public_url": "http://127.0.0.1:8000"}
+BASE = {
+    "brand_name": "Toko Bisik",
+    "shop_url": "https://shop.example.com",
+    "public_url": "http://127.0.0.1:8000",
+    "unsubscribe_url": "http://127.0.0.1:8000/u/token",
+    "transactional": False,
+}
 
 
 def context(first_name: str | None) -> dict:

@@ -50,7 +50,7 @@ DUE_ROWS_QUERY = """
 SELECT o.event_id, o.attempts, o.delivered_to,
        COALESCE(c.merged_into, c.id) AS customer_id,
        o.customer_id AS routed_customer_id,
-       e.message_id, e.type, e.name, e.timestamp, e.received_at, e.properties, e.traits
+       e.message_id, e.type, e.name, e.timestamp, e.received_at, e.properties, e.traits, e.derived
 FROM outbox o
 JOIN events e ON e.id = o.event_id
 JOIN customers c ON c.id = o.customer_id
@@ -238,6 +238,7 @@ class OutboxRelay:
             received_at=row["received_at"],
             properties=row["properties"] or {},
             traits=row["traits"] or {},
+            derived=row["derived"] or {},
         )
         delivered = set(row["delivered_to"])
         for route in self.routing.routes(event):

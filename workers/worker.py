@@ -12,6 +12,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.catalog import CatalogActivities
+from activities.customers import CustomerActivities
 from activities.db import create_pool
 from activities.journeys import JourneyRunActivities
 from activities.messaging import MessagingActivities
@@ -32,11 +34,17 @@ def journey_activities(pool: asyncpg.Pool, settings: Settings) -> list[Any]:
     """Every activity a journey may call, bound to the pool and settings."""
     runs = JourneyRunActivities(pool)
     messaging = MessagingActivities(pool, settings)
+    catalog = CatalogActivities(pool)
+    customers = CustomerActivities(pool)
     return [
         runs.record_journey_run,
         runs.check_reentry,
         messaging.load_profile,
         messaging.send_message,
+        catalog.find_similar_products,
+        catalog.load_products,
+        customers.load_activity,
+        customers.mark_sunset,
     ]
 
 

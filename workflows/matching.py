@@ -27,6 +27,9 @@ class EventView(Protocol):
     @property
     def traits(self) -> Mapping[str, Any] | None: ...
 
+    @property
+    def derived(self) -> Mapping[str, Any]: ...
+
 
 @dataclass(frozen=True)
 class On:

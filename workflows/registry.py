@@ -7,11 +7,23 @@ from dataclasses import dataclass
 
 from workflows.matching import EventView, On
 from workflows.abandoned_cart import AbandonedCart
+from workflows.browse_abandonment import BrowseAbandonment
+from workflows.content_engagement import ContentEngagement
+from workflows.high_intent import HighIntent
 from workflows.post_purchase import PostPurchase
+from workflows.re_engagement import ReEngagement
 from workflows.toolkit import Journey
 from workflows.welcome import Welcome
 
-JOURNEYS: tuple[type[Journey], ...] = (Welcome, AbandonedCart, PostPurchase)
+JOURNEYS: tuple[type[Journey], ...] = (
+    Welcome,
+    HighIntent,
+    ContentEngagement,
+    BrowseAbandonment,
+    AbandonedCart,
+    PostPurchase,
+    ReEngagement,
+)
 
 
 @dataclass(frozen=True)

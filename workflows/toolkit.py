@@ -39,12 +39,15 @@ with workflow.unsafe.imports_passed_through():
         JourneyInput,
         JourneyResult,
         JourneyRunRecord,
+        CatalogProduct,
+        CustomerActivity,
         Profile,
         ReentryCheck,
         ReentryDecision,
         ReentryRule,
         SendRequest,
         SendResult,
+        SimilarProductsRequest,
     )
     from workflows.matching import On, matches_any
 
@@ -188,6 +191,35 @@ class Journey(Generic[StateT]):
             result_type=Profile,
             start_to_close_timeout=PROFILE_TIMEOUT,
         )
+
+    async def similar_products(
+        self, categories: list[str], *, exclude: list[str] | None = None, limit: int = 3
+    ) -> list[CatalogProduct]:
+        """Return catalog products in `categories` that are in stock and the customer has not bought."""
+        request = SimilarProductsRequest(
+            customer_id=self.customer_id,
+            categories=[category for category in categories if category],
+            exclude_product_ids=exclude or [],
+            limit=limit,
+        )
+        if not request.categories:
+            return []
+        return await workflow.execute_activity(
+            "find_similar_products",
+            request,
+            result_type=list[CatalogProduct],
+            start_to_close_timeout=PROFILE_TIMEOUT,
+        )
+
+    async def activity_status(self) -> CustomerActivity:
+        """Return when the customer was last seen and whether marketing email may reach them."""
+        return await workflow.execute_activity(
+            "load_activity", self.customer_id, result_type=CustomerActivity, start_to_close_timeout=PROFILE_TIMEOUT
+        )
+
+    async def sunset(self) -> None:
+        """Mark the customer as gone: no journey sends them marketing from now on."""
+        await workflow.execute_activity("mark_sunset", self.customer_id, start_to_close_timeout=PROFILE_TIMEOUT)
 
     async def send(
         self,
