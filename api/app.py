@@ -17,7 +17,7 @@ from api.routes import ingest, unsubscribe
 from bisik.links import LinkSigner
 from bisik.logs import get_logger
 from bisik.settings import Settings
-from workflows.registry import JOURNEYS, RoutingIndex
+from workflows.registry import JOURNEYS, RoutingIndex, configure_journeys
 from workflows.toolkit import Journey
 
 log = get_logger(__name__)
@@ -29,6 +29,7 @@ def create_app(settings: Settings, journeys: tuple[type[Journey], ...] = JOURNEY
             "BISIK_DATABASE_URL is not set; run `bisik dev` for the embedded stack or point it at PostgreSQL"
         )
     database_url = settings.database_url
+    configure_journeys(settings)
     routing = RoutingIndex(journeys)
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ from bisik import temporal
 from bisik.logs import get_logger
 from bisik.settings import Settings
 from workers.relay import OutboxRelay
-from workflows.registry import JOURNEYS, RoutingIndex
+from workflows.registry import JOURNEYS, RoutingIndex, configure_journeys
 from workflows.toolkit import Journey
 
 log = get_logger(__name__)
@@ -76,6 +76,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         raise ValueError(
             "BISIK_DATABASE_URL is not set; run `bisik dev` for the embedded stack or point it at PostgreSQL"
         )
+    configure_journeys(settings)
     pool = await create_pool(
         settings.database_url,
         min_size=settings.database_pool_min_size,

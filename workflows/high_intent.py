@@ -19,3 +19,7 @@ class HighIntent(Journey):
 
     async def steps(self) -> None:
         return None
+
+
+def configure(pages: list[str]) -> None:
+    """Set the page paths or names that count as high intent (from BISIK_HIGH_INTENT_PAGES)."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from bisik.settings import Settings
 from workflows.matching import EventView, On
 from workflows.abandoned_cart import AbandonedCart
 from workflows.browse_abandonment import BrowseAbandonment
 from workflows.content_engagement import ContentEngagement
+from workflows import high_intent
 from workflows.high_intent import HighIntent
 from workflows.post_purchase import PostPurchase
 from workflows.re_engagement import ReEngagement
@@ -24,6 +26,11 @@ JOURNEYS: tuple[type[Journey], ...] = (
     PostPurchase,
     ReEngagement,
 )
+
+
+def configure_journeys(settings: Settings) -> None:
+    """Apply settings that decide which events journeys start on; call once per process at start."""
+    high_intent.configure(settings.high_intent_pages)
 
 
 @dataclass(frozen=True)
