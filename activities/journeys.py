@@ -8,14 +8,27 @@ import asyncpg
 from temporalio import activity
 
 from bisik.logs import get_logger
+from activities import webhooks
 from bisik.models import JourneyRunRecord, ReentryCheck, ReentryDecision
+from bisik.settings import Settings
 
 log = get_logger(__name__)
 
 
+def _webhook_event(record: JourneyRunRecord) -> str:
+    if record.status == "active":
+        return "journey.entered"
+    if record.status == "completed":
+        return "journey.completed"
+    if (record.reason or "").startswith("goal reached"):
+        return "journey.converted"
+    return "journey.exited"
+
+
 class JourneyRunActivities:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self.pool = pool
+        self.settings = settings
 
     @activity.defn(name="record_journey_run")
     async def record_journey_run(self, record: JourneyRunRecord) -> None:
@@ -25,6 +38,7 @@ class JourneyRunActivities:
         sees it as active at once; the workflow's own record then fills in the run id and the
         entry time on the journey's clock.
         """
+        await webhooks.enqueue(self.pool, self.settings, _webhook_event(record), record.model_dump(mode="json"))
         if record.status == "active":
             await self.pool.execute(
                 """

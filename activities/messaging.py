@@ -29,6 +29,7 @@ from activities.email import (
     PermanentSendError,
     RetryableSendError,
 )
+from activities import webhooks
 from activities.suppressions import SuppressionStore
 from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
 from bisik.links import LinkSigner
@@ -67,7 +68,7 @@ class MessagingActivities:
     ) -> None:
         self.pool = pool
         self.settings = settings
-        self.renderer = renderer or TemplateRenderer(default_currency=settings.default_currency)
+        self.renderer = renderer or TemplateRenderer(settings.template_dir, default_currency=settings.default_currency)
         self.sender = sender or EmailSender(settings)
         self.suppressions = SuppressionStore(pool)
         self.links = LinkSigner(settings.secret_key.get_secret_value())
@@ -277,6 +278,21 @@ class MessagingActivities:
             reason,
             provider_response,
         )
+        if status == "sent":
+            await webhooks.enqueue(
+                self.pool,
+                self.settings,
+                "message.sent",
+                {
+                    "message_id": row["id"],
+                    "customer_id": row["customer_id"],
+                    "journey": row["journey"],
+                    "workflow_id": row["workflow_id"],
+                    "step": row["step"],
+                    "template": row["template"],
+                    "channel": "email",
+                },
+            )
         getattr(log, level)(
             LOG_EVENTS[status],
             message_id=row["id"],

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bisik.urls import check_url_syntax
+
 # Values that ship in this file for local development. Outside development they must be replaced.
 DEVELOPMENT_WRITE_KEY = "dev-write-key"
 DEVELOPMENT_SECRET_KEY = "dev-secret-key-change-me"
@@ -103,7 +105,21 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Longest one attempt to send a message may take before Temporal retries it."
     )
 
+    # Outbound webhooks
+    webhook_url: str | None = Field(
+        None, description="Receives journey events (entered, message sent, exited, converted) as signed JSON."
+    )
+    webhook_secret: SecretStr | None = Field(None, description="Signs webhook bodies with HMAC-SHA256.")
+    webhook_max_attempts: int = Field(12, ge=1, le=100)
+    allow_private_urls: bool = Field(
+        False,
+        description="Let webhook and provider URLs reach loopback and private addresses (development only).",
+    )
+
     # Journeys
+    template_dir: Path | None = Field(
+        None, description="Folder with your own `email/<name>.<locale>.yaml` templates, replacing the shipped ones."
+    )
     default_locale: Literal["en", "id"] = "en"
     default_timezone: str = "Asia/Jakarta"
     high_intent_pages: Annotated[list[str], NoDecode] = Field(
@@ -135,6 +151,19 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one write key is required")
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_url_syntax(value)
+        return value
+
+    @model_validator(mode="after")
+    def _require_webhook_secret(self) -> Settings:
+        if self.webhook_url is not None and not self.webhook_secret:
+            raise ValueError("BISIK_WEBHOOK_SECRET is required when BISIK_WEBHOOK_URL is set")
+        return self
 
     @model_validator(mode="after")
     def _reject_development_secrets_in_production(self) -> Settings:

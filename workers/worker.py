@@ -17,6 +17,7 @@ from activities.customers import CustomerActivities
 from activities.db import create_pool
 from activities.journeys import JourneyRunActivities
 from activities.messaging import MessagingActivities
+from activities.webhooks import WebhookDispatcher
 from bisik import temporal
 from bisik.logs import get_logger
 from bisik.settings import Settings
@@ -32,7 +33,7 @@ workflow.logger.workflow_info_on_message = False
 
 def journey_activities(pool: asyncpg.Pool, settings: Settings) -> list[Any]:
     """Every activity a journey may call, bound to the pool and settings."""
-    runs = JourneyRunActivities(pool)
+    runs = JourneyRunActivities(pool, settings)
     messaging = MessagingActivities(pool, settings)
     catalog = CatalogActivities(pool)
     customers = CustomerActivities(pool)
@@ -91,6 +92,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         if settings.worker_runs_relay:
             relay = OutboxRelay(pool, client, settings, RoutingIndex())
             tasks.append(asyncio.create_task(relay.run(stop), name="outbox-relay"))
+        if settings.webhook_url is not None:
+            dispatcher = WebhookDispatcher(pool, settings)
+            tasks.append(asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher"))
         log.info(
             "worker.started",
             task_queue=settings.temporal_task_queue,
