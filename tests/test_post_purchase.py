@@ -88,3 +88,30 @@ async def test_thank_you_in_indonesian(journeys: JourneyHarness) -> None:
     thank_mail = journeys.mail_to("buyer-5@example.com")[0]
     assert thank_mail.subject == "Makasih udah belanja, Kak Dewi! Pesanan #o-100 sudah kami terima"
     assert "Total: US$475,50" in thank_mail.text()
+
+
+async def test_review_request_cross_sells_from_catalog(journeys: JourneyHarness) -> None:
+    from activities.catalog import CatalogStore, ProductRow
+
+    rows = [
+        ProductRow(product_id="shoe-1", name="Running Shoes", category="shoes", price=450.5, stock=3),
+        ProductRow(product_id="shoe-2", name="Trail Shoes", category="shoes", price=520, stock=5, image_url="https://cdn.example.com/s2.jpg"),
+        ProductRow(product_id="shoe-3", name="Sold Out Shoes", category="shoes", price=300, stock=0),
+        ProductRow(product_id="shoe-4", name="Bought Before Shoes", category="shoes", price=310, stock=2),
+        ProductRow(product_id="hat-1", name="Sun Hat", category="hats", price=20, stock=9),
+    ]
+    await CatalogStore(journeys.pool).import_products(rows)
+    customer = await journeys.customer("buyer-6")
+    start = await journeys.now()
+    await journeys.event("buyer-6", "Order Completed", start - timedelta(days=30), order_id="old", products=[{"product_id": "shoe-4", "name": "Bought Before Shoes", "price": 310}])
+    order = {"order_id": "o-6", "products": [{"product_id": "shoe-1", "name": "Running Shoes", "category": "shoes", "price": 450.5}]}
+
+    await (await journeys.deliver("post_purchase", await journeys.event("buyer-6", "Order Completed", start, **order))).result()
+
+    review = [mail for mail in journeys.mail_to("buyer-6@example.com") if mail.header("X-Bisik-Step") == "review_request:o-6"][0]
+    assert "Trail Shoes: $520.00" in review.text()
+    assert "Sold Out Shoes" not in review.text()
+    assert "Bought Before Shoes" not in review.text()
+    assert "Sun Hat" not in review.text()
+    assert 'src="https://cdn.example.com/s2.jpg"' in review.html()
+    assert len(await journeys.messages(customer)) >= 2

@@ -90,7 +90,14 @@ def test_html_in_first_name_escaped(renderer: TemplateRenderer) -> None:
         ("cart_reminder_1", {"cart": CART}),
         ("cart_reminder_2", {"cart": CART, "voucher_code": "FREESHIP-ABC123"}),
         ("order_thank_you", {"order": {**CART, "order_id": "o-1"}}),
-        ("review_request", {"order": {**CART, "order_id": "o-1"}}),
+        ("review_request", {"order": {**CART, "order_id": "o-1"}, "recommendations": []}),
+        (
+            "review_request",
+            {
+                "order": {**CART, "order_id": "o-1"},
+                "recommendations": [{"product_id": "p9", "name": "Tea", "price": 3.5, "currency": "USD", "image_url": None, "url": "https://shop.example.com/p9"}],
+            },
+        ),
     ],
 )
 def test_every_template_renders_in_both_locales(

@@ -3,8 +3,9 @@
 Trigger: `Order Completed`. Further orders during the journey are handled by the same run.
 1. A thank-you with the items and total right away, once per order id (transactional: it goes
    out even to customers who unsubscribed from marketing).
-2. Fourteen days after each order, a review request, skipped when `Review Submitted` arrived
-   for that order (or without an order id, for any order).
+2. Fourteen days after each order, a review request with up to three products from the catalog
+   in the order's categories that are in stock and not bought yet; skipped when `Review
+   Submitted` arrived for that order (or without an order id, for any order).
 Ends when no review request is pending. Re-entry: always, each order on its own.
 """
 
@@ -79,10 +80,15 @@ class PostPurchase(Journey[PostPurchaseState]):
     async def _ask_for_due_reviews(self) -> None:
         now = workflow.now()
         for review in [review for review in self.state.pending_reviews if review.due_at <= now]:
+            order = review.order
+            cross_sell = await self.similar_products(
+                [item.category for item in order.items if item.category],
+                exclude=[item.product_id for item in order.items],
+            )
             await self.send(
                 "review_request",
-                step=f"review_request:{review.order.order_id}",
-                data={"order": review.order.template_data()},
+                step=f"review_request:{order.order_id}",
+                data={"order": order.template_data(), "recommendations": [p.model_dump() for p in cross_sell]},
                 once_per_customer=True,
             )
             self.state.pending_reviews.remove(review)
