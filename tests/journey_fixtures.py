@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import pytest
 from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -31,6 +32,7 @@ class JourneyHarness:
     pool: asyncpg.Pool
     mail: MailSink
     time_scale: float = 1.0
+    handles: list[WorkflowHandle] = field(default_factory=list)
 
     async def now(self) -> datetime:
         return await self.env.get_current_time()
@@ -51,7 +53,7 @@ class JourneyHarness:
 
     async def deliver(self, journey: str, event: JourneyEvent) -> WorkflowHandle:
         """Route `event` to `journey` the way the relay does: signal-with-start."""
-        return await signal_with_start(
+        handle = await signal_with_start(
             self.env.client,
             journey=journey,
             event=event,
@@ -59,6 +61,17 @@ class JourneyHarness:
             time_scale=self.time_scale,
             search_attributes=False,
         )
+        self.handles.append(handle)
+        return handle
+
+    async def terminate_open_workflows(self) -> None:
+        """End workflows a test left waiting: the time-skipping server is shared, and an open
+        workflow whose worker is gone would stop it from skipping time in the next test."""
+        for handle in self.handles:
+            try:
+                await handle.terminate(reason="test finished")
+            except RPCError:
+                pass  # already closed
 
     async def messages(self, customer_id: str) -> list[asyncpg.Record]:
         return await self.pool.fetch(
@@ -76,4 +89,6 @@ async def journeys(
     settings.smtp_port = mail_sink.port
     worker = build_worker(time_skipping_env.client, pool, settings, journeys=JOURNEYS)
     async with worker:
-        yield JourneyHarness(time_skipping_env, worker, pool, mail_sink)
+        harness = JourneyHarness(time_skipping_env, worker, pool, mail_sink)
+        yield harness
+        await harness.terminate_open_workflows()
