@@ -24,6 +24,9 @@ from bisik.logs import get_logger
 log = get_logger(__name__)
 
 OUTBOX_CHANNEL = "bisik_outbox"
+# A track event that records a customer's consent for one channel (and optionally one topic).
+CONSENT_EVENT = "Consent Updated"
+CONSENT_CHANNELS = ("email", "whatsapp", "sms")
 # Events whose properties describe a product, and so keep the catalog current.
 PRODUCT_EVENTS = {"Product Viewed", "Product Added"}
 # Source of events Bisik records itself rather than receives from a client.
@@ -105,6 +108,7 @@ class EventStore:
                     continue
                 stored += 1
                 await self._update_profile(connection, event, customer_id)
+                await self._record_contact_events(connection, event, customer_id, event_id)
                 if self.needs_routing(event):
                     await connection.execute(
                         "INSERT INTO outbox (event_id, customer_id) VALUES ($1, $2)",
@@ -116,6 +120,46 @@ class EventStore:
             if routed:
                 await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         return StoreResult(stored=stored, duplicates=duplicates, routed=routed)
+
+    @staticmethod
+    async def _record_contact_events(
+        connection: asyncpg.Connection, event: IncomingEvent, customer_id: str, event_id: int
+    ) -> None:
+        """Apply consent changes, hard bounces and spam complaints in the event's own transaction."""
+        if event.type != "track":
+            return
+        properties = event.properties or {}
+        if event.name == CONSENT_EVENT:
+            await connection.execute(
+                """
+                INSERT INTO consents (customer_id, channel, topic, granted, source, recorded_at)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                """,
+                customer_id,
+                properties["channel"],
+                properties.get("topic"),
+                properties["granted"],
+                str(properties.get("source") or event.source),
+                event.timestamp,
+            )
+            return
+        reason = None
+        if event.name == "Email Bounced" and str(properties.get("bounce_type", "")).lower() in ("hard", "permanent"):
+            reason = "hard_bounce"
+        elif event.name == "Email Marked as Spam":
+            reason = "complaint"
+        if reason is not None:
+            # A dead or complaining address gets no more marketing from any journey.
+            await connection.execute(
+                """
+                INSERT INTO suppressions (customer_id, channel, reason, source, message_id)
+                VALUES ($1, 'email', $2, 'event', NULL)
+                ON CONFLICT (customer_id, channel, COALESCE(topic, ''), reason) DO NOTHING
+                """,
+                customer_id,
+                reason,
+            )
+            log.info("customer.suppressed", customer_id=customer_id, channel="email", reason=reason, event_id=event_id)
 
     async def record_system_event(
         self,

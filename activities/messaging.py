@@ -30,6 +30,7 @@ from activities.email import (
     RetryableSendError,
 )
 from activities import webhooks
+from activities.policy import ContactPolicy
 from activities.suppressions import SuppressionStore
 from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
 from bisik.links import LinkSigner
@@ -39,11 +40,12 @@ from bisik.settings import Settings
 
 log = get_logger(__name__)
 
-FINAL_STATUSES = {"sent", "skipped", "suppressed", "failed", "unknown"}
+FINAL_STATUSES = {"sent", "skipped", "suppressed", "dropped", "failed", "unknown"}
 LOG_EVENTS = {
     "sent": "message.sent",
     "skipped": "message.skipped",
     "suppressed": "message.suppressed",
+    "dropped": "message.dropped",
     "failed": "message.failed",
     "unknown": "message.outcome_unknown",
 }
@@ -71,6 +73,7 @@ class MessagingActivities:
         self.renderer = renderer or TemplateRenderer(settings.template_dir, default_currency=settings.default_currency)
         self.sender = sender or EmailSender(settings)
         self.suppressions = SuppressionStore(pool)
+        self.policy = ContactPolicy(pool, settings)
         self.links = LinkSigner(settings.secret_key.get_secret_value())
 
     @activity.defn(name="load_profile")
@@ -120,14 +123,34 @@ class MessagingActivities:
             return await self._finish(row["id"], "skipped", "no email address")
 
         if not request.transactional:
-            suppressed = await self.suppressions.reason_suppressed(profile.customer_id, request.channel)
-            if suppressed is not None:
-                return await self._finish(row["id"], "suppressed", suppressed)
+            refusal = await self.suppressions.reason_suppressed(profile.customer_id, request.channel)
+            refusal = refusal or await self.policy.consent_refusal(profile.customer_id, request.channel, request.topic)
+            if refusal is not None:
+                return await self._finish(row["id"], "suppressed", refusal)
 
         goal = await self._goal_reached(request, profile.customer_id)
         if goal is not None:
             result = await self._finish(row["id"], "skipped", f"goal reached: {goal}")
             return result.model_copy(update={"status": "goal_reached"})
+
+        if not request.transactional:
+            decision = await self.policy.decide(row["id"], request, profile)
+            if decision.action == "drop":
+                return await self._finish(row["id"], "dropped", decision.reason)
+            if decision.action == "defer":
+                log.info(
+                    "message.deferred",
+                    message_id=row["id"],
+                    customer_id=request.customer_id,
+                    journey=request.journey,
+                    workflow_id=request.workflow_id,
+                    step=request.step,
+                    until=decision.until.isoformat() if decision.until else None,
+                    reason=decision.reason,
+                )
+                return SendResult(
+                    status="deferred", reason=decision.reason, deferred_until=decision.until, message_id=row["id"]
+                )
 
         unsubscribe_url = None
         if not request.transactional:
@@ -191,8 +214,8 @@ class MessagingActivities:
             """
             INSERT INTO messages (
                 idempotency_key, customer_id, journey, workflow_id, step, template, channel,
-                transactional, status, step_at, attempts
-            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, 1)
+                transactional, status, step_at, attempts, priority, topic, droppable, deadline
+            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'claimed', $9, 1, $10, $11, $12, $13)
             ON CONFLICT (idempotency_key) DO UPDATE SET attempts = messages.attempts + 1, updated_at = now()
             RETURNING id, status, reason, provider_message_id
             """,
@@ -205,6 +228,10 @@ class MessagingActivities:
             request.channel,
             request.transactional,
             request.step_at,
+            request.priority,
+            request.topic,
+            request.droppable,
+            request.deadline,
         )
         if row is None:
             raise RuntimeError("claiming the message row returned nothing")

@@ -67,6 +67,23 @@ class TrackCall(SegmentCall):
     event: Name
     properties: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_consent_properties(self) -> TrackCall:
+        """`Consent Updated` changes what Bisik may send, so its properties must be exact."""
+        if self.event != "Consent Updated":
+            return self
+        channel = self.properties.get("channel")
+        if channel not in ("email", "whatsapp", "sms"):
+            raise PydanticCustomError(
+                "invalid_consent", "properties.channel must be email, whatsapp or sms, got {channel}", {"channel": repr(channel)}
+            )
+        if not isinstance(self.properties.get("granted"), bool):
+            raise PydanticCustomError("invalid_consent", "properties.granted must be true or false")
+        topic = self.properties.get("topic")
+        if topic is not None and not (isinstance(topic, str) and 0 < len(topic) <= 100):
+            raise PydanticCustomError("invalid_consent", "properties.topic must be a string of 1 to 100 characters")
+        return self
+
 
 class IdentifyCall(SegmentCall):
     type: Literal["identify"] = "identify"

@@ -173,6 +173,7 @@ def normalize_email(value: Any) -> str | None:
 
 
 Locale = Literal["en", "id"]
+Channel = Literal["email", "whatsapp", "sms", "webhook"]
 
 
 class Profile(BaseModel):
@@ -195,10 +196,15 @@ class SendRequest(BaseModel):
     workflow_id: str
     step: str
     template: str
-    channel: Literal["email"] = "email"
+    channel: Channel = "email"
+    topic: str | None = Field(None, description="Consent topic, such as `promotions`; None for the channel as a whole.")
     transactional: bool = Field(
-        False, description="Order confirmations and the like: sent even to unsubscribed customers."
+        False, description="Order confirmations and the like: sent even to unsubscribed customers, outside the policy."
     )
+    priority: int = Field(5, ge=0, le=10, description="Higher goes first when messages compete for the caps.")
+    droppable: bool = Field(False, description="Drop instead of defer when the caps or quiet hours say not now.")
+    deadline: datetime | None = Field(None, description="Drop instead of defer past this moment.")
+    time_scale: float = Field(1.0, gt=0, description="The journey's time scale; cap windows are divided by it.")
     data: dict[str, Any] = Field(default_factory=dict, description="Template variables from the journey.")
     step_at: datetime = Field(description="The journey's clock when the step ran.")
     goal_events: list[str] = Field(
@@ -208,12 +214,13 @@ class SendRequest(BaseModel):
     goal_since: datetime | None = None
 
 
-SendStatus = Literal["sent", "skipped", "suppressed", "failed", "unknown", "goal_reached"]
+SendStatus = Literal["sent", "skipped", "suppressed", "dropped", "deferred", "failed", "unknown", "goal_reached"]
 
 
 class SendResult(BaseModel):
     status: SendStatus
     reason: str | None = None
+    deferred_until: datetime | None = Field(None, description="With `deferred`: when the policy lets it go.")
     message_id: int | None = Field(None, description="Row id in the message log.")
     provider_message_id: str | None = None
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bisik.policy import QuietHours, parse_caps
 from bisik.urls import check_url_syntax
 
 # Values that ship in this file for local development. Outside development they must be replaced.
@@ -116,6 +117,19 @@ class Settings(BaseSettings):
         description="Let webhook and provider URLs reach loopback and private addresses (development only).",
     )
 
+    # Contact policy
+    frequency_caps: str = Field(
+        "email:1/16h,email:3/7d",
+        description="Marketing caps per customer, CHANNEL:COUNT/WINDOW, comma-separated; empty for none.",
+    )
+    quiet_hours: str = Field(
+        "21:00-08:00",
+        description="Local hours without marketing, HH:MM-HH:MM in the customer's time zone, or `off`.",
+    )
+    email_requires_consent: bool = Field(
+        False, description="Send marketing email only to customers who granted email consent."
+    )
+
     # Journeys
     template_dir: Path | None = Field(
         None, description="Folder with your own `email/<name>.<locale>.yaml` templates, replacing the shipped ones."
@@ -150,6 +164,18 @@ class Settings(BaseSettings):
     def _require_write_key(cls, value: list[SecretStr]) -> list[SecretStr]:
         if not value:
             raise ValueError("at least one write key is required")
+        return value
+
+    @field_validator("frequency_caps")
+    @classmethod
+    def _check_caps(cls, value: str) -> str:
+        parse_caps(value)
+        return value
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _check_quiet_hours(cls, value: str) -> str:
+        QuietHours.parse(value)
         return value
 
     @field_validator("webhook_url")

@@ -129,6 +129,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         write_keys=[WRITE_KEY, SECOND_WRITE_KEY],
         api_port=free_port(),
         relay_poll_interval_seconds=0.2,
+        # Journey tests check timing without the contact policy; tests of the policy turn it on.
+        frequency_caps="",
+        quiet_hours="off",
         relay_max_backoff_seconds=1.0,
         log_level="warning",
         log_format="console",

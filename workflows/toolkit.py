@@ -229,13 +229,22 @@ class Journey(Generic[StateT]):
         data: dict[str, Any] | None = None,
         transactional: bool = False,
         once_per_customer: bool = False,
+        channel: str = "email",
+        topic: str | None = None,
+        priority: int = 5,
+        droppable: bool = False,
+        deadline: datetime | None = None,
     ) -> SendResult:
         """Send `template` to the customer, at most once for this step of this entry.
 
         The idempotency key is the workflow id, the entry (its trigger event) and `step`; with
         `once_per_customer` it leaves out the entry, so the step is sent once across entries
-        (one thank-you per order id, say). A goal already stored for the customer cancels a
-        marketing message at send time and ends the journey.
+        (one thank-you per order id, say). Marketing messages follow the contact policy: when
+        frequency caps or quiet hours defer one, this waits until the moment the policy named
+        and tries again (a goal meanwhile still ends the journey); `droppable` messages, and
+        messages the policy would delay past `deadline`, are dropped instead. A goal already
+        stored for the customer cancels a marketing message and ends the journey; a suppressed
+        customer ends it too.
         """
         if step in self.completed_steps:
             return SendResult.model_validate(self.completed_steps[step])
@@ -243,21 +252,45 @@ class Journey(Generic[StateT]):
 
         info = workflow.info()
         scope = step if once_per_customer else f"{self.trigger_id}:{step}"
-        request = SendRequest(
-            idempotency_key=f"{info.workflow_id}:{scope}",
-            customer_id=self.customer_id,
-            journey=self.name,
-            workflow_id=info.workflow_id,
-            step=step,
-            template=template,
-            transactional=transactional,
-            data=data or {},
-            step_at=workflow.now(),
-            goal_events=[] if transactional else self._goal_event_names(),
-            goal_since=self.entered_at,
-        )
+        while True:
+            request = SendRequest(
+                idempotency_key=f"{info.workflow_id}:{scope}",
+                customer_id=self.customer_id,
+                journey=self.name,
+                workflow_id=info.workflow_id,
+                step=step,
+                template=template,
+                channel=channel,  # type: ignore[arg-type]
+                topic=topic,
+                transactional=transactional,
+                priority=priority,
+                droppable=droppable,
+                deadline=deadline,
+                time_scale=self.input.time_scale,
+                data=data or {},
+                step_at=workflow.now(),
+                goal_events=[] if transactional else self._goal_event_names(),
+                goal_since=self.entered_at,
+            )
+            result = await self._send_once(request)
+            if result.status != "deferred" or result.deferred_until is None:
+                break
+            workflow.logger.info(
+                "journey.send_deferred",
+                extra={**self._log_fields(), "step": step, "until": result.deferred_until.isoformat(), "reason": result.reason},
+            )
+            await self.sleep_until(result.deferred_until)
+
+        self.completed_steps[step] = result.model_dump(mode="json")
+        if result.status == "goal_reached":
+            raise GoalReached((result.reason or "").removeprefix("goal reached: "))
+        if result.status == "suppressed":
+            raise JourneyExit(f"suppressed: {result.reason}")
+        return result
+
+    async def _send_once(self, request: SendRequest) -> SendResult:
         try:
-            result = await workflow.execute_activity(
+            return await workflow.execute_activity(
                 "send_message",
                 request,
                 result_type=SendResult,
@@ -267,16 +300,10 @@ class Journey(Generic[StateT]):
             )
         except ActivityError as error:
             workflow.logger.error(
-                "journey.send_gave_up", extra={**self._log_fields(), "step": step, "error": str(error.cause)}
+                "journey.send_gave_up",
+                extra={**self._log_fields(), "step": request.step, "error": str(error.cause)},
             )
-            result = SendResult(status="failed", reason=f"gave up: {error.cause}")
-
-        self.completed_steps[step] = result.model_dump(mode="json")
-        if result.status == "goal_reached":
-            raise GoalReached((result.reason or "").removeprefix("goal reached: "))
-        if result.status == "suppressed":
-            raise JourneyExit(f"suppressed: {result.reason}")
-        return result
+            return SendResult(status="failed", reason=f"gave up: {error.cause}")
 
     @property
     def trigger_id(self) -> int:
