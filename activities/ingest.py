@@ -169,11 +169,12 @@ class EventStore:
         *,
         message_id: str,
         source: str = SYSTEM_SOURCE,
+        counts_as_activity: bool = False,
     ) -> int | None:
-        """Store an event Bisik itself observed about a customer (an unsubscribe, a survey answer).
+        """Store an event Bisik itself observed about a customer (an unsubscribe, an email open).
 
-        Returns the new event id, or None when `message_id` was stored before. It does not
-        count as the customer's own activity, so `last_seen_at` stays as it was.
+        Returns the new event id, or None when `message_id` was stored before. Only with
+        `counts_as_activity` (opens and clicks) does it move the customer's `last_seen_at`.
         """
         now = datetime.now(UTC)
         async with self.pool.acquire() as connection, connection.transaction():
@@ -199,6 +200,10 @@ class EventStore:
             )
             if event_id is None:
                 return None
+            if counts_as_activity:
+                await connection.execute(
+                    "UPDATE customers SET last_seen_at = GREATEST(last_seen_at, $2) WHERE id = $1", customer, now
+                )
             probe = IncomingEvent(
                 source=source, message_id=message_id, type="track", name=name, user_id=None,
                 anonymous_id=None, email=None, previous_id=None, timestamp=now,

@@ -234,6 +234,7 @@ class Journey(Generic[StateT]):
         priority: int = 5,
         droppable: bool = False,
         deadline: datetime | None = None,
+        exit_if_suppressed: bool = True,
     ) -> SendResult:
         """Send `template` to the customer, at most once for this step of this entry.
 
@@ -244,7 +245,8 @@ class Journey(Generic[StateT]):
         and tries again (a goal meanwhile still ends the journey); `droppable` messages, and
         messages the policy would delay past `deadline`, are dropped instead. A goal already
         stored for the customer cancels a marketing message and ends the journey; a suppressed
-        customer ends it too.
+        customer ends it too, unless `exit_if_suppressed` is False (a journey that reaches the
+        customer on another channel, say), when the `suppressed` result is returned instead.
         """
         if step in self.completed_steps:
             return SendResult.model_validate(self.completed_steps[step])
@@ -284,7 +286,7 @@ class Journey(Generic[StateT]):
         self.completed_steps[step] = result.model_dump(mode="json")
         if result.status == "goal_reached":
             raise GoalReached((result.reason or "").removeprefix("goal reached: "))
-        if result.status == "suppressed":
+        if result.status == "suppressed" and exit_if_suppressed:
             raise JourneyExit(f"suppressed: {result.reason}")
         return result
 
