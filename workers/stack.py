@@ -16,6 +16,7 @@ import email
 import email.policy
 import json
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -118,6 +119,16 @@ class EmbeddedPostgres:
 # Temporal
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent process dies."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error", "fatal": "critical"}
 
 
@@ -184,7 +195,10 @@ class TemporalDevServer:
             *self.command(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # Its own session, so Ctrl-C in a terminal reaches the supervisor alone, which stops
+            # the server last; and a parent that dies without stopping it takes it along.
             start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         self._output_task = asyncio.create_task(self._forward_output())
         deadline = time.monotonic() + timeout
