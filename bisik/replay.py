@@ -20,10 +20,12 @@ import asyncio
 import csv
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from bisik.logs import get_logger
 log = get_logger(__name__)
 
 REES46_EVENTS = {"view": "Product Viewed", "cart": "Product Added", "remove_from_cart": "Product Removed"}
+CDNOW_HEADER = ["customer_id", "date", "number_of_cds", "dollar_value"]
 REES46_COLUMNS = ["event_time", "event_type", "product_id", "category_id", "category_code", "brand", "price", "user_id", "user_session"]
 MAX_BATCH_CALLS = 100
 MAX_BATCH_BYTES = 400_000
@@ -78,7 +81,7 @@ def detect_format(path: Path) -> str:
     if first.startswith("{"):
         return "segment"
     parts = first.split()
-    if len(parts) == 4 and parts[1].isdigit() and len(parts[1]) == 8:
+    if parts == CDNOW_HEADER or (len(parts) == 4 and parts[1].isdigit() and len(parts[1]) == 8):
         return "cdnow"
     raise ReplayFormatError(
         f"{path}: cannot tell the format from the first line; expected a REES46 CSV header, "
@@ -98,19 +101,24 @@ def _locale_for(user_id: str, locales: str) -> str:
     return "id" if int(hashlib.sha256(user_id.encode()).hexdigest(), 16) % 2 == 0 else "en"
 
 
-def _identify(user_id: str, at: datetime, locales: str) -> RecordedCall:
+def _identify(user_id: str, at: datetime, locales: str, file_format: str) -> RecordedCall:
     return RecordedCall(
         at,
         {
             "type": "identify",
             "userId": user_id,
-            "messageId": _message_id("identify", user_id),
+            # The format is part of the id: user 42 of one data set is not customer 42 of another.
+            "messageId": _message_id("identify", file_format, user_id),
             "traits": {"email": f"user-{user_id}@example.com", "locale": _locale_for(user_id, locales)},
         },
     )
 
 
-def _rees46_product(row: dict[str, str]) -> dict[str, Any]:
+def _rees46_product(row: dict[str, str], path: Path, line_number: int) -> dict[str, Any]:
+    try:
+        price = float(row["price"])
+    except (TypeError, ValueError):
+        raise ReplayFormatError(f"{path}:{line_number}: price {row['price']!r} is not a number") from None
     category = row["category_code"] or row["category_id"]
     kind = row["category_code"].rsplit(".", 1)[-1].replace("_", " ") if row["category_code"] else "item"
     brand = row["brand"] or None
@@ -118,7 +126,7 @@ def _rees46_product(row: dict[str, str]) -> dict[str, Any]:
         "product_id": row["product_id"],
         "name": " ".join(part.title() for part in (brand, kind) if part),
         "category": category,
-        "price": float(row["price"]),
+        "price": price,
         "quantity": 1,
         "currency": "USD",
     }
@@ -134,7 +142,7 @@ def read_rees46(path: Path, locales: str = "mixed") -> Iterator[RecordedCall]:
         if reader.fieldnames != REES46_COLUMNS:
             raise ReplayFormatError(f"{path}: expected the columns {REES46_COLUMNS}, got {reader.fieldnames}")
         known_users: set[str] = set()
-        orders: dict[tuple[str, str], list[dict[str, str]]] = {}
+        orders: dict[tuple[str, str], list[tuple[int, dict[str, str]]]] = {}
         for line_number, row in enumerate(reader, start=2):
             kind = row["event_type"]
             if kind not in REES46_EVENTS and kind != "purchase":
@@ -143,9 +151,9 @@ def read_rees46(path: Path, locales: str = "mixed") -> Iterator[RecordedCall]:
             at = _parse_rees46_time(row["event_time"], path)
             if user_id not in known_users:
                 known_users.add(user_id)
-                yield _identify(user_id, at, locales)
+                yield _identify(user_id, at, locales, "rees46")
             if kind == "purchase":
-                orders.setdefault((user_id, row["event_time"]), []).append(row)
+                orders.setdefault((user_id, row["event_time"]), []).append((line_number, row))
                 continue
             yield RecordedCall(
                 at,
@@ -154,16 +162,16 @@ def read_rees46(path: Path, locales: str = "mixed") -> Iterator[RecordedCall]:
                     "userId": user_id,
                     "event": REES46_EVENTS[kind],
                     "messageId": _message_id(path.name, line_number),
-                    "properties": _rees46_product(row),
+                    "properties": _rees46_product(row, path, line_number),
                     "context": {"session_id": row["user_session"]},
                 },
             )
     for (user_id, event_time), rows in orders.items():
-        yield _rees46_order(user_id, _parse_rees46_time(event_time, path), rows)
+        yield _rees46_order(user_id, _parse_rees46_time(event_time, path), rows, path)
 
 
-def _rees46_order(user_id: str, at: datetime, rows: list[dict[str, str]]) -> RecordedCall:
-    products = [_rees46_product(row) for row in rows]
+def _rees46_order(user_id: str, at: datetime, rows: list[tuple[int, dict[str, str]]], path: Path) -> RecordedCall:
+    products = [_rees46_product(row, path, line_number) for line_number, row in rows]
     order_id = f"{user_id}-{int(at.timestamp())}"
     return RecordedCall(
         at,
@@ -214,21 +222,23 @@ def read_segment(path: Path) -> Iterator[RecordedCall]:
 
 
 def read_cdnow(path: Path, locales: str = "mixed") -> Iterator[RecordedCall]:
-    """Read CDNOW purchases: each line one order of `cds` CDs worth `dollars`, at noon UTC."""
+    """Read CDNOW purchases: each line one order of `cds` CDs worth `dollars`, at noon UTC.
+
+    The published file starts with a header line (`customer_id date number_of_cds
+    dollar_value`), which is skipped. It records only each order's total, so the CDs are given
+    cent prices that add up to it exactly (29.33 for two CDs: 14.67 and 14.66).
+    """
     known_users: set[str] = set()
     with path.open(encoding="utf-8") as file:
         for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
             parts = line.split()
-            try:
-                customer, day, cds, dollars = parts[0], parts[1], int(parts[2]), float(parts[3])
-                at = datetime.strptime(day, "%Y%m%d").replace(hour=12, tzinfo=UTC)
-            except (IndexError, ValueError):
-                raise ReplayFormatError(f"{path}:{line_number}: expected `customer YYYYMMDD cds dollars`, got {line.strip()!r}") from None
+            if not parts or (line_number == 1 and parts == CDNOW_HEADER):
+                continue
+            customer, day, cds, dollars = _parse_cdnow_line(parts, path, line_number, line)
+            at = datetime.strptime(day, "%Y%m%d").replace(hour=12, tzinfo=UTC)
             if customer not in known_users:
                 known_users.add(customer)
-                yield _identify(customer, at, locales)
+                yield _identify(customer, at, locales, "cdnow")
             order_id = f"cdnow-{customer}-{day}-{line_number}"
             yield RecordedCall(
                 at,
@@ -239,14 +249,53 @@ def read_cdnow(path: Path, locales: str = "mixed") -> Iterator[RecordedCall]:
                     "messageId": _message_id("cdnow", line_number, line.strip()),
                     "properties": {
                         "order_id": order_id,
-                        "total": dollars,
+                        "total": float(dollars),
                         "currency": "USD",
-                        "products": [
-                            {"product_id": "cd", "name": "CD", "category": "music", "price": round(dollars / cds, 2) if cds else dollars, "quantity": cds}
-                        ],
+                        "products": _cdnow_products(cds, dollars),
                     },
                 },
             )
+
+
+def _parse_cdnow_line(
+    parts: list[str], path: Path, line_number: int, line: str
+) -> tuple[str, str, int, Decimal]:
+    """Return the customer, day (`YYYYMMDD`), CD count and dollars of one line.
+
+    Raises `ReplayFormatError` naming the file, the line number and the invalid field.
+    """
+
+    def malformed(problem: str) -> ReplayFormatError:
+        return ReplayFormatError(
+            f"{path}:{line_number}: {problem} in {line.strip()!r}, "
+            "expected `customer YYYYMMDD cds dollars`"
+        )
+
+    if len(parts) != 4:
+        raise malformed(f"expected 4 fields, got {len(parts)}")
+    customer, day, cds, dollars = parts
+    if len(day) != 8 or not day.isdigit():
+        raise malformed(f"date {day!r} is not YYYYMMDD")
+    try:
+        datetime.strptime(day, "%Y%m%d")
+    except ValueError:
+        raise malformed(f"date {day!r} is not a calendar day") from None
+    if not cds.isdigit() or int(cds) < 1:
+        raise malformed(f"number of CDs {cds!r} is not a whole number of at least 1")
+    if re.fullmatch(r"\d+(\.\d{1,2})?", dollars) is None:
+        raise malformed(f"dollar value {dollars!r} is not an amount in dollars and cents")
+    return customer, day, int(cds), Decimal(dollars)
+
+
+def _cdnow_products(cds: int, dollars: Decimal) -> list[dict[str, Any]]:
+    """Split an order's value over its CDs in whole cents, the leftover cents going to the first CDs."""
+    base, leftover = divmod(int(dollars * 100), cds)
+    price_groups = [(base + 1, leftover), (base, cds - leftover)]
+    return [
+        {"product_id": "cd", "name": "CD", "category": "music", "price": cents / 100, "quantity": count}
+        for cents, count in price_groups
+        if count > 0
+    ]
 
 
 def read_calls(path: Path, file_format: str = "auto", locales: str = "mixed") -> list[RecordedCall]:

@@ -52,7 +52,7 @@ def test_routing_index_matches_by_type_and_name() -> None:
 
     assert [(route.journey.name, route.starts) for route in index.routes(identify)] == [("welcome", True)]
     assert index.routes(identify_without_subscription) == []
-    assert [(route.journey.name, route.starts) for route in index.routes(signed_up)] == [("welcome", True)]
+    assert [(route.journey.name, route.starts) for route in index.routes(signed_up)] == [("welcome", True), ("re_engagement", True)]
     assert index.routes(screen) == []
     assert track("Signed Up").matches(signed_up)
 
