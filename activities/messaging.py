@@ -15,7 +15,7 @@ was delivered.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -128,10 +128,13 @@ class MessagingActivities:
             if refusal is not None:
                 return await self._finish(row["id"], "suppressed", refusal)
 
-        goal = await self._goal_reached(request, profile.customer_id)
+        goal = await self._stored_since(request.goal_events, request.goal_since, profile.customer_id)
         if goal is not None:
             result = await self._finish(row["id"], "skipped", f"goal reached: {goal}")
             return result.model_copy(update={"status": "goal_reached"})
+        skip = await self._stored_since(request.skip_if_events, request.goal_since, profile.customer_id)
+        if skip is not None:
+            return await self._finish(row["id"], "skipped", f"{skip} stored since the journey began")
 
         if not request.transactional:
             decision = await self.policy.decide(row["id"], request, profile)
@@ -237,13 +240,13 @@ class MessagingActivities:
             raise RuntimeError("claiming the message row returned nothing")
         return row
 
-    async def _goal_reached(self, request: SendRequest, customer_id: str) -> str | None:
-        """Return the name of a goal event already stored for this customer, if any.
+    async def _stored_since(self, names: list[str], since: datetime | None, customer_id: str) -> str | None:
+        """Return the name of the first event among `names` stored for the customer since `since`.
 
-        Catches goals stored but not yet delivered to the journey, such as an order placed
+        Catches events stored but not yet delivered to the journey, such as an order placed
         before a reminder is due that reaches the workflow after it.
         """
-        if not request.goal_events or request.goal_since is None:
+        if not names or since is None:
             return None
         return await self.pool.fetchval(
             """
@@ -252,8 +255,8 @@ class MessagingActivities:
             ORDER BY timestamp LIMIT 1
             """,
             customer_id,
-            request.goal_events,
-            request.goal_since,
+            names,
+            since,
         )
 
     @staticmethod

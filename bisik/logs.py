@@ -72,7 +72,9 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
         shared_processors.append(structlog.processors.dict_tracebacks)
     else:
-        renderer = structlog.dev.ConsoleRenderer()
+        # Plain tracebacks: rich ones with local variables take long enough to draw that a burst of
+        # retried activities starved the event loop they are logged from.
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
 
     structlog.configure(
         processors=[

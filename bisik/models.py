@@ -212,6 +212,10 @@ class SendRequest(BaseModel):
         description="Track events that cancel the message if one was stored with a timestamp at or after `goal_since`.",
     )
     goal_since: datetime | None = None
+    skip_if_events: list[str] = Field(
+        default_factory=list,
+        description="Track events that skip this one message (not the journey) if stored at or after `goal_since`.",
+    )
 
 
 SendStatus = Literal["sent", "skipped", "suppressed", "dropped", "deferred", "failed", "unknown", "goal_reached"]

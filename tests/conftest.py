@@ -216,8 +216,9 @@ class RunningWorker:
 
 @pytest.fixture
 async def running_worker(
-    temporal_client: Client, pool: asyncpg.Pool, temporal_settings: Settings
+    temporal_client: Client, pool: asyncpg.Pool, temporal_settings: Settings, mail_sink: MailSink
 ) -> AsyncIterator[RunningWorker]:
+    temporal_settings.smtp_port = mail_sink.port
     worker = RunningWorker(temporal_client, pool, temporal_settings)
     await worker.start()
     yield worker

@@ -16,7 +16,7 @@ from bisik.settings import Settings
 from tests.conftest import WRITE_KEY, ApiServer, RunningWorker
 from tests.helpers import assert_eventually
 from workers.relay import OutboxRelay
-from workers.stack import TemporalDevServer, free_port
+from workers.stack import MailSink, TemporalDevServer, free_port
 from workflows.matching import track
 from workflows.registry import RoutingIndex
 from workflows.welcome import Welcome
@@ -148,11 +148,12 @@ async def test_events_reach_journey_in_customer_order(
 
 
 async def test_events_accepted_while_temporal_down_all_arrive_once(
-    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path, mail_sink: MailSink
 ) -> None:
     # A Temporal of this test's own, so it can be stopped and started again on its own file.
     server = TemporalDevServer(port=free_port(), ui_port=None, db_file=tmp_path / "temporal.sqlite")
     settings.temporal_address = server.address
+    settings.smtp_port = mail_sink.port
     await server.start()
     client = await Client.connect(server.address, data_converter=pydantic_data_converter)
     api_server = ApiServer(settings)

@@ -256,6 +256,10 @@ class OutboxRelay:
         journey = route.journey.name
         workflow_id = journey_workflow_id(journey, event.customer_id)
         try:
+            if route.starts and route.journey.reentry.kind == "never" and await self._has_finished_run(journey, event.customer_id):
+                # Such an entry would end at once; a site that sends `subscribed: true` with every
+                # identify would otherwise start a workflow per call.
+                return
             if route.starts:
                 await signal_with_start(
                     self.client,
@@ -288,6 +292,13 @@ class OutboxRelay:
             journey,
             customer_id,
             workflow_id,
+        )
+
+    async def _has_finished_run(self, journey: str, customer_id: str) -> bool:
+        return await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM journey_runs WHERE journey = $1 AND customer_id = $2 AND status <> 'active')",
+            journey,
+            customer_id,
         )
 
     async def _has_active_run(self, journey: str, customer_id: str) -> bool:

@@ -235,6 +235,7 @@ class Journey(Generic[StateT]):
         droppable: bool = False,
         deadline: datetime | None = None,
         exit_if_suppressed: bool = True,
+        skip_if: tuple[str, ...] = (),
     ) -> SendResult:
         """Send `template` to the customer, at most once for this step of this entry.
 
@@ -247,6 +248,8 @@ class Journey(Generic[StateT]):
         stored for the customer cancels a marketing message and ends the journey; a suppressed
         customer ends it too, unless `exit_if_suppressed` is False (a journey that reaches the
         customer on another channel, say), when the `suppressed` result is returned instead.
+        `skip_if` names track events that skip only this message when one is already stored
+        since the entry began, delivered to the journey or not.
         """
         if step in self.completed_steps:
             return SendResult.model_validate(self.completed_steps[step])
@@ -273,6 +276,7 @@ class Journey(Generic[StateT]):
                 step_at=workflow.now(),
                 goal_events=[] if transactional else self._goal_event_names(),
                 goal_since=self.entered_at,
+                skip_if_events=list(skip_if),
             )
             result = await self._send_once(request)
             if result.status != "deferred" or result.deferred_until is None:
