@@ -106,6 +106,31 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Longest one attempt to send a message may take before Temporal retries it."
     )
 
+    # WhatsApp and SMS
+    whatsapp_api_base_url: str = Field(
+        "https://graph.facebook.com", description="WhatsApp Cloud API host; tests point it at a local server."
+    )
+    whatsapp_api_version: str = Field("v21.0", description="Graph API version in the message endpoint's path.")
+    whatsapp_phone_number_id: str | None = Field(None, description="The WhatsApp business phone number id that sends.")
+    whatsapp_access_token: SecretStr | None = None
+    sms_api_url: str | None = Field(None, description="Endpoint of the HTTP SMS provider that receives one POST per message.")
+    sms_api_key: SecretStr | None = None
+    sms_sender: str = Field("Bisik", description="Sender id or number shown on SMS.")
+    channel_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one request to a WhatsApp, SMS or webhook provider.")
+    default_phone_region: str = Field(
+        "ID", description="ISO 3166 region for phone numbers written without a country code (0812...)."
+    )
+
+    # Tracking and preferences
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="Origins allowed to call the ingest API from a browser (track.js), comma-separated.",
+    )
+    preference_topics: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["promotions", "new_arrivals", "tips"],
+        description="Marketing topics customers can switch on and off on the preference page.",
+    )
+
     # Outbound webhooks
     webhook_url: str | None = Field(
         None, description="Receives journey events (entered, message sent, exited, converted) as signed JSON."
@@ -152,7 +177,7 @@ class Settings(BaseSettings):
         "auto", description="`auto` writes JSON unless standard error is a terminal."
     )
 
-    @field_validator("write_keys", "high_intent_pages", mode="before")
+    @field_validator("write_keys", "high_intent_pages", "cors_origins", "preference_topics", mode="before")
     @classmethod
     def _split_comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
