@@ -86,6 +86,15 @@ class IdentityResolver:
 
     def __init__(self, connection: asyncpg.Connection) -> None:
         self.connection = connection
+        # Lookups already made in this transaction; the locks taken up front keep them valid.
+        self._cache: dict[tuple[str, str], CustomerRef | None] = {}
+        self._merged_into: dict[str, str] = {}
+
+    def canonical(self, customer_id: str) -> str:
+        """Follow the merges made in this transaction from `customer_id` to the surviving customer."""
+        while customer_id in self._merged_into:
+            customer_id = self._merged_into[customer_id]
+        return customer_id
 
     async def resolve(self, event: IncomingEvent) -> str:
         if event.type == "alias":
@@ -167,6 +176,8 @@ class IdentityResolver:
     # Building blocks
 
     async def _lookup(self, kind: str, value: str) -> CustomerRef | None:
+        if (kind, value) in self._cache:
+            return self._cache[(kind, value)]
         row = await self.connection.fetchrow(
             """
             SELECT c.id, c.user_id
@@ -176,7 +187,9 @@ class IdentityResolver:
             kind,
             value,
         )
-        return None if row is None else CustomerRef(row["id"], row["user_id"])
+        found = None if row is None else CustomerRef(row["id"], row["user_id"])
+        self._cache[(kind, value)] = found
+        return found
 
     async def _lookup_optional(self, kind: str, value: str | None) -> CustomerRef | None:
         return None if value is None else await self._lookup(kind, value)
@@ -199,6 +212,7 @@ class IdentityResolver:
         await self.connection.execute(
             "UPDATE customers SET user_id = $2, updated_at = now() WHERE id = $1", customer.id, user_id
         )
+        self._cache.clear()
         log.info("customer.identified", customer_id=customer.id)
         return CustomerRef(customer.id, user_id)
 
@@ -212,6 +226,7 @@ class IdentityResolver:
             value,
             customer_id,
         )
+        self._cache.pop((kind, value), None)
 
     async def _claim(
         self, kind: str, value: str, holder: CustomerRef | None, customer: CustomerRef
@@ -279,4 +294,6 @@ class IdentityResolver:
             source.id,
             target.id,
         )
+        self._merged_into[source.id] = target.id
+        self._cache.clear()
         log.info("customer.merged", customer_id=target.id, merged_customer_id=source.id)

@@ -11,7 +11,8 @@ import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -29,6 +30,7 @@ CONSENT_EVENT = "Consent Updated"
 CONSENT_CHANNELS = ("email", "whatsapp", "sms")
 # Events whose properties describe a product, and so keep the catalog current.
 PRODUCT_EVENTS = {"Product Viewed", "Product Added"}
+VIEW_WINDOW = timedelta(hours=24)
 # Source of events Bisik records itself rather than receives from a client.
 SYSTEM_SOURCE = "bisik"
 # Errors that two concurrent transactions can cause each other; the whole transaction is retried.
@@ -84,7 +86,6 @@ class EventStore:
 
     async def _store_once(self, events: list[IncomingEvent]) -> StoreResult:
         keys = sorted({lock_key(key) for event in events for key in event.identity_keys})
-        stored = duplicates = routed = 0
 
         async with self.pool.acquire() as connection, connection.transaction():
             # Every identifier these events touch is locked up front and in one order, so parallel
@@ -94,32 +95,36 @@ class EventStore:
                 keys,
             )
             already_stored = await self._stored_message_ids(connection, events)
+            new_events = [event for event in events if (event.source, event.message_id) not in already_stored]
+
+            # Identities first, event by event, since one event can decide who the next one is.
             resolver = IdentityResolver(connection)
+            customers = [await resolver.resolve(event) for event in new_events]
+            # A later event of this call may have merged an earlier event's customer away.
+            customers = [resolver.canonical(customer_id) for customer_id in customers]
 
-            for event in events:
-                if (event.source, event.message_id) in already_stored:
-                    duplicates += 1
-                    continue
-                customer_id = await resolver.resolve(event)
-                await self._derive(connection, event, customer_id)
-                event_id = await self._insert_event(connection, event, customer_id)
-                if event_id is None:
-                    duplicates += 1
-                    continue
-                stored += 1
-                await self._update_profile(connection, event, customer_id)
+            await self._derive(connection, new_events, customers)
+            event_ids = await self._insert_events(connection, new_events, customers)
+            inserted = [
+                (event, customer_id, event_ids[(event.source, event.message_id)])
+                for event, customer_id in zip(new_events, customers, strict=True)
+                if (event.source, event.message_id) in event_ids
+            ]
+
+            await self._update_profiles(connection, [(event, customer_id) for event, customer_id, _ in inserted])
+            for event, customer_id, event_id in inserted:
                 await self._record_contact_events(connection, event, customer_id, event_id)
-                if self.needs_routing(event):
-                    await connection.execute(
-                        "INSERT INTO outbox (event_id, customer_id) VALUES ($1, $2)",
-                        event_id,
-                        customer_id,
-                    )
-                    routed += 1
-
+            routed = [(event_id, customer_id) for event, customer_id, event_id in inserted if self.needs_routing(event)]
             if routed:
+                await connection.execute(
+                    "INSERT INTO outbox (event_id, customer_id) SELECT * FROM unnest($1::bigint[], $2::text[])",
+                    [event_id for event_id, _ in routed],
+                    [customer_id for _, customer_id in routed],
+                )
                 await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
-        return StoreResult(stored=stored, duplicates=duplicates, routed=routed)
+        return StoreResult(
+            stored=len(inserted), duplicates=len(events) - len(inserted), routed=len(routed)
+        )
 
     @staticmethod
     async def _record_contact_events(
@@ -217,27 +222,6 @@ class EventStore:
                 await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         return event_id
 
-    async def _derive(self, connection: asyncpg.Connection, event: IncomingEvent, customer_id: str) -> None:
-        """Compute what journeys route on but the client did not send, and update the catalog."""
-        if event.type != "track" or event.name not in PRODUCT_EVENTS or not event.properties:
-            return
-        await CatalogStore.update_from_event(connection, event.properties)
-        product_id = event.properties.get("product_id") or event.properties.get("sku")
-        if event.name != "Product Viewed" or product_id is None:
-            return
-        earlier_views = await connection.fetchval(
-            """
-            SELECT count(*) FROM events
-            WHERE customer_id = $1 AND name = 'Product Viewed' AND type = 'track'
-              AND properties ->> 'product_id' = $2
-              AND timestamp > $3::timestamptz - interval '24 hours' AND timestamp <= $3::timestamptz
-            """,
-            customer_id,
-            str(product_id),
-            event.timestamp,
-        )
-        event.derived["product_views_24h"] = earlier_views + 1
-
     async def _stored_message_ids(
         self, connection: asyncpg.Connection, events: list[IncomingEvent]
     ) -> set[tuple[str, str]]:
@@ -251,74 +235,134 @@ class EventStore:
         )
         return {(row["source"], row["message_id"]) for row in rows}
 
-    async def _insert_event(
-        self, connection: asyncpg.Connection, event: IncomingEvent, customer_id: str
-    ) -> int | None:
-        return await connection.fetchval(
+    async def _derive(
+        self, connection: asyncpg.Connection, events: list[IncomingEvent], customers: list[str]
+    ) -> None:
+        """Compute what journeys route on but the client did not send, and update the catalog.
+
+        Sets `product_views_24h` on each `Product Viewed`: views of that product by that customer
+        in the 24 hours up to and including this one, stored earlier or earlier in this call.
+        """
+        catalog: dict[str, dict[str, Any]] = {}
+        earlier_in_call: dict[tuple[str, str], list[datetime]] = defaultdict(list)
+        for event, customer_id in zip(events, customers, strict=True):
+            if event.type != "track" or event.name not in PRODUCT_EVENTS or not event.properties:
+                continue
+            product_id = event.properties.get("product_id") or event.properties.get("sku")
+            if product_id is None:
+                continue
+            # Later events of the call win, field by field, as they would one call after another.
+            catalog[str(product_id)] = {**catalog.get(str(product_id), {}), **event.properties}
+            if event.name != "Product Viewed":
+                continue
+            key = (customer_id, str(product_id))
+            stored_views = await connection.fetchval(
+                """
+                SELECT count(*) FROM events
+                WHERE customer_id = $1 AND name = 'Product Viewed' AND type = 'track'
+                  AND properties ->> 'product_id' = $2
+                  AND timestamp > $3::timestamptz - interval '24 hours' AND timestamp <= $3::timestamptz
+                """,
+                customer_id,
+                str(product_id),
+                event.timestamp,
+            )
+            window_start = event.timestamp - VIEW_WINDOW
+            in_call = sum(1 for seen in earlier_in_call[key] if window_start < seen <= event.timestamp)
+            earlier_in_call[key].append(event.timestamp)
+            event.derived["product_views_24h"] = stored_views + in_call + 1
+        for properties in catalog.values():
+            await CatalogStore.update_from_event(connection, properties)
+
+    async def _insert_events(
+        self, connection: asyncpg.Connection, events: list[IncomingEvent], customers: list[str]
+    ) -> dict[tuple[str, str], int]:
+        """Insert the events in one statement; return the ids of those not stored concurrently."""
+        if not events:
+            return {}
+        rows = await connection.fetch(
             """
             INSERT INTO events (
                 source, message_id, type, name, customer_id, user_id, anonymous_id, timestamp,
                 original_timestamp, sent_at, received_at, properties, traits, context, payload, derived
-            ) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            )
+            SELECT source, message_id, type, name, customer_id, user_id, anonymous_id, timestamp,
+                   original_timestamp, sent_at, received_at, properties, traits, context, payload, derived
+            FROM unnest(
+                $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[],
+                $12::jsonb[], $13::jsonb[], $14::jsonb[], $15::jsonb[], $16::jsonb[]
+            ) WITH ORDINALITY AS call (
+                source, message_id, type, name, customer_id, user_id, anonymous_id, timestamp,
+                original_timestamp, sent_at, received_at, properties, traits, context, payload, derived, position
+            )
+            -- Ids follow the order of the call, which is the order the relay routes events in.
+            ORDER BY position
             ON CONFLICT (source, message_id) DO NOTHING
-            RETURNING id
+            RETURNING id, source, message_id
             """,
-            event.source,
-            event.message_id,
-            event.type,
-            event.name,
-            customer_id,
-            event.user_id,
-            event.anonymous_id,
-            event.timestamp,
-            event.original_timestamp,
-            event.sent_at,
-            event.received_at,
-            event.properties,
-            event.traits,
-            event.context,
-            event.payload,
-            event.derived,
+            [event.source for event in events],
+            [event.message_id for event in events],
+            [event.type for event in events],
+            [event.name for event in events],
+            customers,
+            [event.user_id for event in events],
+            [event.anonymous_id for event in events],
+            [event.timestamp for event in events],
+            [event.original_timestamp for event in events],
+            [event.sent_at for event in events],
+            [event.received_at for event in events],
+            [event.properties for event in events],
+            [event.traits for event in events],
+            [event.context for event in events],
+            [event.payload for event in events],
+            [event.derived for event in events],
         )
+        return {(row["source"], row["message_id"]): row["id"] for row in rows}
 
-    async def _update_profile(
-        self, connection: asyncpg.Connection, event: IncomingEvent, customer_id: str
+    async def _update_profiles(
+        self, connection: asyncpg.Connection, stored: list[tuple[IncomingEvent, str]]
     ) -> None:
-        if event.type != "identify" or not event.traits:
+        """Move first and last seen, fill in missing emails, and merge identify traits by timestamp."""
+        seen: dict[str, tuple[datetime, datetime, str | None]] = {}
+        traits_by_customer: dict[str, list[IncomingEvent]] = defaultdict(list)
+        for event, customer_id in stored:
+            first, last, email = seen.get(customer_id, (event.timestamp, event.timestamp, None))
+            seen[customer_id] = (min(first, event.timestamp), max(last, event.timestamp), email or event.email)
+            if event.type == "identify" and event.traits:
+                traits_by_customer[customer_id].append(event)
+
+        if seen:
             await connection.execute(
                 """
-                UPDATE customers SET
-                    last_seen_at = GREATEST(last_seen_at, $2),
-                    first_seen_at = LEAST(first_seen_at, $2),
-                    email = COALESCE(email, $3)
+                UPDATE customers c SET
+                    first_seen_at = LEAST(c.first_seen_at, s.first_seen),
+                    last_seen_at = GREATEST(c.last_seen_at, s.last_seen),
+                    email = COALESCE(c.email, s.email)
+                FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[])
+                    AS s(customer_id, first_seen, last_seen, email)
+                WHERE c.id = s.customer_id
+                """,
+                list(seen),
+                [first for first, _, _ in seen.values()],
+                [last for _, last, _ in seen.values()],
+                [email for _, _, email in seen.values()],
+            )
+
+        for customer_id, identifies in traits_by_customer.items():
+            row = await connection.fetchrow(
+                "SELECT traits, trait_timestamps FROM customers WHERE id = $1 FOR UPDATE", customer_id
+            )
+            traits, timestamps = row["traits"], row["trait_timestamps"]
+            for event in identifies:
+                traits, timestamps = merge_traits(traits, timestamps, event.traits or {}, event.timestamp)
+            await connection.execute(
+                """
+                UPDATE customers SET traits = $2, trait_timestamps = $3, email = COALESCE($4, email), updated_at = now()
                 WHERE id = $1
                 """,
                 customer_id,
-                event.timestamp,
-                event.email,
+                traits,
+                timestamps,
+                normalize_email(traits.get("email")),
             )
-            return
-
-        row = await connection.fetchrow(
-            "SELECT traits, trait_timestamps FROM customers WHERE id = $1 FOR UPDATE", customer_id
-        )
-        traits, timestamps = merge_traits(
-            row["traits"], row["trait_timestamps"], event.traits, event.timestamp
-        )
-        await connection.execute(
-            """
-            UPDATE customers SET
-                traits = $2,
-                trait_timestamps = $3,
-                email = COALESCE($5, email),
-                last_seen_at = GREATEST(last_seen_at, $4),
-                first_seen_at = LEAST(first_seen_at, $4),
-                updated_at = now()
-            WHERE id = $1
-            """,
-            customer_id,
-            traits,
-            timestamps,
-            event.timestamp,
-            normalize_email(traits.get("email")),
-        )

@@ -30,9 +30,12 @@ from workers.stack import PortInUseError
 log = get_logger(__name__)
 
 # Journeys whose every message falls within 24 hours of their last event; the demo waits for them.
-DAY_LONG_JOURNEYS = ("abandoned_cart",)
-# Real seconds allowed after the last due moment for the worker and relay to catch up.
-SETTLE_SECONDS = 120.0
+DAY_LONG_JOURNEYS = ("abandoned_cart", "browse_abandonment")
+# Journey time the frequency caps may add to those messages: a cart's second reminder waits up to
+# two 16-hour cap windows behind a browse email and the first reminder.
+CAP_DELAY = timedelta(hours=32)
+# Real seconds allowed on top for the worker and relay to catch up.
+SETTLE_SECONDS = 60.0
 
 
 @dataclass
@@ -213,7 +216,8 @@ class Demo:
             )
             last_stamp = stats.last_stamp or start
             due_by = last_stamp + timedelta(hours=24) / self.settings.time_scale
-            settled = await self._wait_until_settled(database_url, due_by, stop)
+            settle_within = CAP_DELAY.total_seconds() / self.settings.time_scale + SETTLE_SECONDS
+            settled = await self._wait_until_settled(database_url, due_by, settle_within, stop)
             report = await build_report(
                 database_url, self.file, self.settings.time_scale, stats, time.perf_counter() - began, settled
             )
@@ -246,8 +250,11 @@ class Demo:
                     raise TimeoutError(f"the API at {api_url} did not become healthy within {timeout:g} s")
                 await asyncio.sleep(0.2)
 
-    async def _wait_until_settled(self, database_url: str, due_by: datetime, stop: asyncio.Event) -> bool:
-        """Wait past `due_by`, then until no event awaits routing and no day-long journey is open."""
+    async def _wait_until_settled(
+        self, database_url: str, due_by: datetime, settle_within: float, stop: asyncio.Event
+    ) -> bool:
+        """Wait past `due_by`, then up to `settle_within` seconds until no event awaits routing,
+        no message is on its way and no day-long journey is open."""
         remaining = (due_by - datetime.now(UTC)).total_seconds()
         log.info("demo.waiting_for_journeys", seconds=round(max(remaining, 0)))
         if remaining > 0:
@@ -256,14 +263,14 @@ class Demo:
                 return False
             except TimeoutError:
                 pass
-        deadline = time.monotonic() + SETTLE_SECONDS
+        deadline = time.monotonic() + settle_within
         connection = await asyncpg.connect(database_url)
         try:
             while not stop.is_set():
                 unsettled = await connection.fetchval(
                     """
                     SELECT (SELECT count(*) FROM outbox)
-                         + (SELECT count(*) FROM messages WHERE status IN ('claimed', 'sending'))
+                         + (SELECT count(*) FROM messages WHERE status IN ('claimed', 'reserved', 'sending', 'deferred'))
                          + (SELECT count(*) FROM journey_runs WHERE status = 'active' AND journey = ANY($1::text[]))
                     """,
                     list(DAY_LONG_JOURNEYS),
@@ -271,7 +278,7 @@ class Demo:
                 if unsettled == 0:
                     return True
                 if time.monotonic() > deadline:
-                    log.warning("demo.not_settled", still_in_flight=unsettled, waited_seconds=SETTLE_SECONDS)
+                    log.warning("demo.not_settled", still_in_flight=unsettled, waited_seconds=round(settle_within))
                     return False
                 await asyncio.sleep(0.5)
         finally:
