@@ -19,22 +19,26 @@ from bisik.models import CatalogProduct, SimilarProductsRequest
 log = get_logger(__name__)
 
 CSV_COLUMNS = ("product_id", "name", "brand", "category", "price", "currency", "image_url", "product_url", "stock")
+# The largest values the products table holds: numeric(14, 2) and integer.
+MAX_PRICE = Decimal("999999999999.99")
+MAX_STOCK = 2**31 - 1
+WEB_URL_PATTERN = r"^https?://[^\s/?#]+\S*$"
 
 
 class ProductRow(BaseModel):
     """One product of an import file."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, coerce_numbers_to_str=True)
 
     product_id: str = Field(min_length=1, max_length=200)
     name: str = Field(min_length=1, max_length=500)
     brand: str | None = None
     category: str | None = None
-    price: Decimal | None = Field(None, ge=0)
+    price: Decimal | None = Field(None, ge=0, le=MAX_PRICE)
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
-    image_url: str | None = Field(None, pattern=r"^https?://")
-    product_url: str | None = Field(None, pattern=r"^https?://")
-    stock: int | None = Field(None, ge=0)
+    image_url: str | None = Field(None, pattern=WEB_URL_PATTERN)
+    product_url: str | None = Field(None, pattern=WEB_URL_PATTERN)
+    stock: int | None = Field(None, ge=0, le=MAX_STOCK)
 
     @field_validator("brand", "category", "currency", "image_url", "product_url", "price", "stock", mode="before")
     @classmethod
@@ -46,51 +50,77 @@ class CatalogImportError(ValueError):
     """The import file has invalid rows; nothing was imported."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__(f"{len(problems)} invalid rows; nothing was imported")
+        super().__init__(f"{len(problems)} problems in the file; nothing was imported")
         self.problems = problems
 
 
 def read_product_file(path: Path) -> list[ProductRow]:
-    """Read and validate every row of a CSV (with a header) or JSON-lines file; raise on any error."""
+    """Read and validate every row of a CSV (with a header) or JSON-lines file.
+
+    Raises `CatalogImportError` with every problem found, each naming its line and field.
+    """
     rows, problems = [], []
-    for line_number, raw in _raw_rows(path):
-        try:
-            rows.append(ProductRow.model_validate(raw))
-        except ValidationError as error:
-            for item in error.errors(include_url=False):
-                field_name = ".".join(str(part) for part in item["loc"]) or "row"
-                problems.append(f"line {line_number}: {field_name}: {item['msg']}")
+    try:
+        for line_number, raw, problem in _raw_rows(path):
+            if problem is not None:
+                problems.append(f"line {line_number}: {problem}")
+                continue
+            try:
+                rows.append(ProductRow.model_validate(raw))
+            except ValidationError as error:
+                for item in error.errors(include_url=False):
+                    field_name = ".".join(str(part) for part in item["loc"]) or "row"
+                    problems.append(f"line {line_number}: {field_name}: {item['msg']}")
+    except UnicodeDecodeError as error:
+        problems.append(f"the file is not UTF-8 text: invalid byte at offset {error.start}")
     if problems:
         raise CatalogImportError(problems)
     return rows
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as file:
-        first = file.readline()
+def _raw_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (line number, row, None) per row, or (line number, None, problem) for an unreadable one."""
+    # utf-8-sig drops the byte-order mark that spreadsheet programs put before a CSV header.
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        first = next((line for line in file if line.strip()), "")
         file.seek(0)
         if first.lstrip().startswith("{"):
             for line_number, line in enumerate(file, start=1):
-                if line.strip():
-                    try:
-                        yield line_number, json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise CatalogImportError([f"line {line_number}: not valid JSON: {error.msg}"]) from None
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line), None
+                except json.JSONDecodeError as error:
+                    yield line_number, None, f"not valid JSON: {error.msg}"
             return
+
         reader = csv.DictReader(file)
-        unknown = set(reader.fieldnames or []) - set(CSV_COLUMNS)
-        if "product_id" not in (reader.fieldnames or []) or "name" not in (reader.fieldnames or []) or unknown:
+        columns = reader.fieldnames or []
+        unknown = set(columns) - set(CSV_COLUMNS)
+        if "product_id" not in columns or "name" not in columns or unknown:
             raise CatalogImportError(
-                [f"line 1: the header must name product_id, name and optionally {', '.join(CSV_COLUMNS[2:])}; got {reader.fieldnames}"]
+                [f"line 1: the header must name product_id, name and optionally {', '.join(CSV_COLUMNS[2:])}; got {columns}"]
             )
-        for line_number, row in enumerate(reader, start=2):
-            yield line_number, row
+        for row in reader:
+            # DictReader files surplus values under the key None and fills missing ones with None.
+            if None in row:
+                yield reader.line_num, None, f"the row has more values than the header's {len(columns)} columns"
+            elif None in row.values():
+                yield reader.line_num, None, f"the row has fewer values than the header's {len(columns)} columns"
+            else:
+                yield reader.line_num, row, None
 
 
 def _text(value: Any) -> str | None:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
         return str(value).strip()
     return None
+
+
+def _web_url(value: Any) -> str | None:
+    """Return the value as an http(s) URL, or None: event properties may carry any string."""
+    url = _text(value)
+    return url if url is not None and url.startswith(("https://", "http://")) else None
 
 
 class CatalogStore:
@@ -125,7 +155,9 @@ class CatalogStore:
         if product_id is None or name is None:
             return
         price = properties.get("price")
-        price = price if isinstance(price, (int, float)) and not isinstance(price, bool) and price >= 0 else None
+        if not isinstance(price, (int, float)) or isinstance(price, bool) or not 0 <= price <= MAX_PRICE:
+            # A price the column cannot hold would fail the whole ingest transaction, so it is dropped.
+            price = None
         await connection.execute(
             """
             INSERT INTO products (product_id, name, brand, category, price, currency, image_url, product_url)
@@ -146,8 +178,8 @@ class CatalogStore:
             _text(properties.get("category")),
             Decimal(str(price)) if price is not None else None,
             _text(properties.get("currency")),
-            _text(properties.get("image_url")),
-            _text(properties.get("url")),
+            _web_url(properties.get("image_url")),
+            _web_url(properties.get("url")),
         )
 
 
@@ -178,7 +210,7 @@ class CatalogActivities:
         rows = await self.pool.fetch(
             """
             WITH bought AS (
-                SELECT DISTINCT item ->> 'product_id' AS product_id
+                SELECT DISTINCT COALESCE(item ->> 'product_id', item ->> 'sku') AS product_id
                 FROM events e, jsonb_array_elements(
                     CASE WHEN jsonb_typeof(e.properties -> 'products') = 'array' THEN e.properties -> 'products' ELSE '[]'::jsonb END
                 ) AS item

@@ -128,6 +128,54 @@ def migrate(
     asyncio.run(main())
 
 
+catalog_app = typer.Typer(help="Manage the product catalog that journeys recommend from.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("import")
+def import_catalog(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with the header product_id,name,brand,category,price,currency,image_url,product_url,stock "
+            "(only product_id and name are required), or JSON lines with the same fields."
+        ),
+    ],
+) -> None:
+    """Validate every row of FILE, then insert or update all products in one transaction.
+
+    Nothing is imported when any row is invalid, and every problem is printed with its line and field.
+    """
+    from activities.catalog import CatalogImportError, CatalogStore, read_product_file
+    from activities.db import create_pool
+
+    settings = load_settings()
+    if settings.database_url is None:
+        typer.echo("BISIK_DATABASE_URL is not set; point it at the PostgreSQL that holds the catalog", err=True)
+        raise typer.Exit(2)
+    database_url = settings.database_url
+    if not file.is_file():
+        typer.echo(f"cannot import {file}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        rows = read_product_file(file)
+    except CatalogImportError as error:
+        for problem in error.problems:
+            typer.echo(f"{file}: {problem}", err=True)
+        typer.echo(f"{file}: {error}", err=True)
+        raise typer.Exit(2) from None
+
+    async def main() -> int:
+        pool = await create_pool(database_url, min_size=1, max_size=1)
+        try:
+            return await CatalogStore(pool).import_products(rows)
+        finally:
+            await pool.close()
+
+    imported = asyncio.run(main())
+    typer.echo(f"imported {imported} products from {file}")
+
+
 DEFAULT_DEMO_FILE = Path("../shared/data/rees46/2019-Oct-first-3h.csv")
 FILE_FORMATS = ("auto", "rees46", "segment", "cdnow")
 LOCALE_CHOICES = ("mixed", "en", "id")
