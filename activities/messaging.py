@@ -8,20 +8,42 @@
 
 A retry that finds a final row returns it unchanged. A retry that finds `sending` means an
 earlier attempt died while the provider may have taken the message (worker killed, reply lost):
-it records `unknown` and does not send. That window is the DATA exchange plus one database
-write, and no SMTP client can make it smaller, because SMTP has no way to ask whether a message
-was delivered.
+it records `unknown` and does not send. For email that window is the DATA exchange plus one
+database write, and no SMTP client can make it smaller, because SMTP has no way to ask whether a
+message was delivered. For WhatsApp, SMS and webhooks it is one HTTP request and its answer plus
+one database write (activities/channels/).
+
+Email goes to the profile's address, WhatsApp and SMS to its phone (`traits.phone` in E.164),
+and webhook messages to `data["webhook_url"]` or BISIK_WEBHOOK_URL.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import webhooks
+from activities.channels import (
+    Delivery,
+    RetryAfterError,
+    SmsMessage,
+    SmsSender,
+    WebhookMessage,
+    WebhookSender,
+    WhatsAppMessage,
+    WhatsAppSender,
+    delivery_id_for,
+    mask_recipient,
+    sms_length,
+)
+from activities.channels.webhook import URL_KEY as WEBHOOK_URL_KEY
 from activities.email import (
     DeliveryUnknownError,
     EmailSender,
@@ -29,13 +51,13 @@ from activities.email import (
     PermanentSendError,
     RetryableSendError,
 )
-from activities import webhooks
 from activities.policy import ContactPolicy
 from activities.suppressions import SuppressionStore
 from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
 from bisik.links import LinkSigner
-from bisik.logs import get_logger, mask_email
+from bisik.logs import get_logger
 from bisik.models import Profile, SendRequest, SendResult
+from bisik.phones import InvalidPhoneNumber, normalize_phone, parse_phone
 from bisik.settings import Settings
 
 log = get_logger(__name__)
@@ -49,6 +71,16 @@ LOG_EVENTS = {
     "failed": "message.failed",
     "unknown": "message.outcome_unknown",
 }
+
+MarkSending = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class NoRecipient:
+    """The final status and reason recorded for a message that has no recipient."""
+
+    status: str
+    reason: str
 
 
 def normalize_locale(value: Any, default: str) -> str:
@@ -72,9 +104,17 @@ class MessagingActivities:
         self.settings = settings
         self.renderer = renderer or TemplateRenderer(settings.template_dir, default_currency=settings.default_currency)
         self.sender = sender or EmailSender(settings)
+        self.whatsapp = WhatsAppSender(settings)
+        self.sms = SmsSender(settings)
+        self.webhook = WebhookSender(settings)
         self.suppressions = SuppressionStore(pool)
         self.policy = ContactPolicy(pool, settings)
         self.links = LinkSigner(settings.secret_key.get_secret_value())
+
+    async def close(self) -> None:
+        """Close the HTTP clients of the WhatsApp, SMS and webhook channels."""
+        for channel in (self.whatsapp, self.sms, self.webhook):
+            await channel.aclose()
 
     @activity.defn(name="load_profile")
     async def load_profile(self, customer_id: str) -> Profile:
@@ -103,6 +143,7 @@ class MessagingActivities:
             first_name=first_name if isinstance(first_name, str) and first_name.strip() else None,
             locale=normalize_locale(traits.get("locale"), self.settings.default_locale),  # type: ignore[arg-type]
             timezone=traits.get("timezone") if isinstance(traits.get("timezone"), str) else self.settings.default_timezone,
+            phone=normalize_phone(traits.get("phone"), self.settings.default_phone_region),
             traits=traits,
         )
 
@@ -119,8 +160,14 @@ class MessagingActivities:
             )
 
         profile = await self.fetch_profile(request.customer_id)
-        if profile is None or profile.email is None:
+        if request.channel == "email" and (profile is None or profile.email is None):
             return await self._finish(row["id"], "skipped", "no email address")
+        if profile is None:
+            return await self._finish(row["id"], "skipped", "customer not found")
+        recipient = self._recipient(request, profile)
+        if isinstance(recipient, NoRecipient):
+            level = "warning" if recipient.status == "failed" else "info"
+            return await self._finish(row["id"], recipient.status, recipient.reason, level=level)
 
         if not request.transactional:
             refusal = await self.suppressions.reason_suppressed(profile.customer_id, request.channel)
@@ -156,9 +203,12 @@ class MessagingActivities:
                 )
 
         unsubscribe_url = None
-        if not request.transactional:
+        if not request.transactional and request.channel != "webhook":
             token = self.links.unsubscribe_token(profile.customer_id, row["id"], request.channel)
             unsubscribe_url = f"{self.settings.public_url.rstrip('/')}/u/{token}"
+        if request.channel != "email":
+            return await self._send_by_channel(row["id"], request, profile, recipient, unsubscribe_url)
+
         context = self._context(request, profile, unsubscribe_url)
         try:
             rendered = self.renderer.render(request.template, profile.locale, context)
@@ -182,16 +232,119 @@ class MessagingActivities:
             rendered.subject,
             str(message["Message-ID"]),
         )
-        return await self._deliver(row["id"], request, message)
 
-    async def _deliver(self, message_row: int, request: SendRequest, message: Any) -> SendResult:
+        async def send_email(mark_sending: MarkSending) -> Delivery:
+            reply = await self.sender.send(message, before_data=mark_sending)
+            return Delivery(provider_message_id=None, provider_response=reply)
+
+        return await self._deliver(row["id"], request, send_email)
+
+    async def _send_by_channel(
+        self, message_row: int, request: SendRequest, profile: Profile, recipient: str, unsubscribe_url: str | None
+    ) -> SendResult:
+        """Render and send a WhatsApp, SMS or webhook message to `recipient`."""
+        context = self._context(request, profile, unsubscribe_url)
+        send: Callable[[MarkSending], Awaitable[Delivery]]
+        try:
+            if request.channel == "whatsapp":
+                template = self.renderer.render_whatsapp(request.template, profile.locale, context)
+                whatsapp = WhatsAppMessage(to=recipient, template=template)
+                locale = template.locale
+                send = functools.partial(self.whatsapp.send, whatsapp)
+            elif request.channel == "sms":
+                text = self.renderer.render_sms(request.template, profile.locale, context)
+                sms = SmsMessage(to=recipient, text=text.text)
+                locale = text.locale
+                self._warn_if_multipart(message_row, request, text.text)
+                send = functools.partial(self.sms.send, sms)
+            else:
+                webhook = self._webhook_message(message_row, request, profile, recipient)
+                locale = profile.locale
+                send = functools.partial(self.webhook.send, webhook)
+        except (RenderError, TemplateNotFound) as error:
+            return await self._finish(message_row, "failed", str(error), level="error")
+
+        await self.pool.execute(
+            "UPDATE messages SET locale = $2, recipient = $3, updated_at = now() WHERE id = $1",
+            message_row,
+            locale,
+            recipient,
+        )
+        return await self._deliver(message_row, request, send)
+
+    def _recipient(self, request: SendRequest, profile: Profile) -> str | NoRecipient:
+        """Return where the message goes: an email address, an E.164 phone number or a webhook URL."""
+        if request.channel == "email":
+            return profile.email or NoRecipient("skipped", "no email address")
+        if request.channel in ("whatsapp", "sms"):
+            if profile.phone is not None:
+                return profile.phone
+            raw = profile.traits.get("phone")
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                return NoRecipient("skipped", "no phone number")
+            try:
+                return parse_phone(raw, self.settings.default_phone_region)
+            except InvalidPhoneNumber as error:
+                return NoRecipient("failed", f"invalid phone number in traits.phone: {error}")
+        url = request.data.get(WEBHOOK_URL_KEY) or self.settings.webhook_url
+        if not isinstance(url, str) or not url:
+            return NoRecipient("failed", f"no webhook URL: pass data['{WEBHOOK_URL_KEY}'] in the send or set BISIK_WEBHOOK_URL")
+        return url
+
+    def _webhook_message(self, message_row: int, request: SendRequest, profile: Profile, url: str) -> WebhookMessage:
+        return WebhookMessage(
+            url=url,
+            delivery_id=delivery_id_for(request.idempotency_key),
+            payload={
+                "created_at": request.step_at.isoformat(),
+                "data": {
+                    "message_id": message_row,
+                    "customer_id": profile.customer_id,
+                    "journey": request.journey,
+                    "workflow_id": request.workflow_id,
+                    "step": request.step,
+                    "template": request.template,
+                    "transactional": request.transactional,
+                    "locale": profile.locale,
+                    "customer": {
+                        "first_name": profile.first_name,
+                        "email": profile.email,
+                        "phone": profile.phone,
+                        "locale": profile.locale,
+                        "timezone": profile.timezone,
+                    },
+                    "data": {key: value for key, value in request.data.items() if key != WEBHOOK_URL_KEY},
+                },
+            },
+        )
+
+    @staticmethod
+    def _warn_if_multipart(message_row: int, request: SendRequest, text: str) -> None:
+        length = sms_length(text)
+        if length.segments > 1:
+            # Sent anyway: phones join the parts into one message, but providers bill each part.
+            log.info(
+                "message.sms_multipart",
+                message_id=message_row,
+                journey=request.journey,
+                step=request.step,
+                template=request.template,
+                encoding=length.encoding,
+                segments=length.segments,
+            )
+
+    async def _deliver(
+        self, message_row: int, request: SendRequest, send: Callable[[MarkSending], Awaitable[Delivery]]
+    ) -> SendResult:
+        """Run `send`, which calls its argument just before the message can reach the provider."""
+
         async def mark_sending() -> None:
             await self.pool.execute(
                 "UPDATE messages SET status = 'sending', updated_at = now() WHERE id = $1", message_row
             )
 
         try:
-            reply = await self.sender.send(message, before_data=mark_sending)
+            delivery = await send(mark_sending)
         except PermanentSendError as error:
             return await self._finish(message_row, "failed", str(error), level="error")
         except DeliveryUnknownError as error:
@@ -207,10 +360,22 @@ class MessagingActivities:
                 message_id=message_row,
                 journey=request.journey,
                 step=request.step,
+                channel=request.channel,
                 error=str(error),
             )
+            if isinstance(error, RetryAfterError):
+                # The provider said when to come back; Temporal waits that long instead of its backoff.
+                raise ApplicationError(
+                    str(error), type=type(error).__name__, next_retry_delay=timedelta(seconds=error.retry_after)
+                ) from error
             raise
-        return await self._finish(message_row, "sent", None, provider_response=reply)
+        return await self._finish(
+            message_row,
+            "sent",
+            None,
+            provider_response=delivery.provider_response,
+            provider_message_id=delivery.provider_message_id,
+        )
 
     async def _claim(self, request: SendRequest) -> asyncpg.Record:
         row = await self.pool.fetchrow(
@@ -276,6 +441,7 @@ class MessagingActivities:
             "customer": {
                 "first_name": profile.first_name,
                 "email": profile.email,
+                "phone": profile.phone,
                 "traits": profile.traits,
             },
             "brand_name": self.settings.brand_name,
@@ -290,6 +456,7 @@ class MessagingActivities:
         reason: str | None,
         *,
         provider_response: str | None = None,
+        provider_message_id: str | None = None,
         level: str = "info",
     ) -> SendResult:
         row = await self.pool.fetchrow(
@@ -298,15 +465,18 @@ class MessagingActivities:
                 status = $2,
                 reason = $3,
                 provider_response = COALESCE($4, provider_response),
+                provider_message_id = COALESCE($5, provider_message_id),
                 sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END,
                 updated_at = now()
             WHERE id = $1
-            RETURNING id, status, reason, provider_message_id, customer_id, journey, workflow_id, step, template, recipient
+            RETURNING id, status, reason, provider_message_id, customer_id, journey, workflow_id, step, template,
+                recipient, channel
             """,
             message_row,
             status,
             reason,
             provider_response,
+            provider_message_id,
         )
         if status == "sent":
             await webhooks.enqueue(
@@ -320,7 +490,7 @@ class MessagingActivities:
                     "workflow_id": row["workflow_id"],
                     "step": row["step"],
                     "template": row["template"],
-                    "channel": "email",
+                    "channel": row["channel"],
                 },
             )
         getattr(log, level)(
@@ -331,7 +501,8 @@ class MessagingActivities:
             journey=row["journey"],
             step=row["step"],
             template=row["template"],
-            recipient=mask_email(row["recipient"] or ""),
+            channel=row["channel"],
+            recipient=mask_recipient(row["channel"], row["recipient"]),
             reason=reason,
         )
         return self._result_of(row)

@@ -1,6 +1,9 @@
-"""Message templates: Jinja2 in a sandbox, one YAML file per template and locale.
+"""Message templates: Jinja2 in a sandbox, one file per template (and locale) for each channel.
 
 `templates/email/<name>.<locale>.yaml` holds three templates: `subject`, `text` and `html`.
+`templates/sms/<name>.<locale>.txt` is the plain text of an SMS. `templates/whatsapp/<name>.yaml`
+maps a Bisik template to a WhatsApp template approved by Meta: its name, its language code for
+each locale, and one Jinja2 template per body parameter (see `render_whatsapp`).
 The HTML part is rendered with autoescape on, so a product named `<b>` shows as text; subject
 and text parts are plain text and are not escaped. Undefined variables raise, so a template
 that expects data the journey did not give fails that one message instead of sending a broken
@@ -42,6 +45,31 @@ class RenderedMessage:
     locale: str
 
 
+@dataclass(frozen=True)
+class RenderedText:
+    """The body of an SMS."""
+
+    text: str
+    locale: str
+
+
+@dataclass(frozen=True)
+class RenderedWhatsApp:
+    """A WhatsApp template message: which approved template, in which language, with what values."""
+
+    name: str
+    language: str
+    parameters: list[str]
+    locale: str
+
+
+@dataclass(frozen=True)
+class WhatsAppMapping:
+    name: str
+    languages: dict[str, str]
+    body: dict[str, list[Template]]
+
+
 def default_template_dir() -> Path:
     return Path(str(resources.files("templates")))
 
@@ -77,6 +105,8 @@ class TemplateRenderer:
             environment.filters["money"] = functools.partial(money, default_currency=default_currency)
             environment.filters["number"] = number
         self._compiled = functools.lru_cache(maxsize=256)(self._compile)
+        self._compiled_sms = functools.lru_cache(maxsize=256)(self._compile_sms)
+        self._compiled_whatsapp = functools.lru_cache(maxsize=256)(self._compile_whatsapp)
 
     def available_locales(self, name: str) -> list[str]:
         return sorted(
@@ -118,3 +148,84 @@ class TemplateRenderer:
             }
         except TemplateError as error:
             raise RenderError(f"template {path.name} does not compile: {error}") from error
+
+    def render_sms(self, name: str, locale: str, context: dict[str, Any]) -> RenderedText:
+        """Render `templates/sms/<name>.<locale>.txt` as plain text, falling back to English."""
+        if not (self.template_dir / "sms" / f"{name}.{locale}.txt").exists():
+            locale = "en"
+        template = self._compiled_sms(name, locale)
+        try:
+            text = template.render({**context, "locale": locale})
+        except TemplateError as error:
+            raise RenderError(f"SMS template {name}.{locale} failed to render: {error}") from error
+        text = "\n".join(line.rstrip() for line in text.strip().splitlines())
+        if not text:
+            raise RenderError(f"SMS template {name}.{locale} rendered an empty text")
+        return RenderedText(text=text, locale=locale)
+
+    def render_whatsapp(self, name: str, locale: str, context: dict[str, Any]) -> RenderedWhatsApp:
+        """Render the body parameters of `templates/whatsapp/<name>.yaml` for `locale`.
+
+        A locale without a language in the file falls back to English. Each parameter has its
+        whitespace collapsed to single spaces, and one that renders empty is an error, because
+        the approved template would show a gap where a value belongs.
+        """
+        mapping = self._compiled_whatsapp(name)
+        requested = locale
+        if locale not in mapping.languages:
+            locale = "en"
+        if locale not in mapping.languages:
+            raise TemplateNotFound(
+                f"WhatsApp template mapping {name!r} has a language for neither {requested!r} nor 'en'"
+            )
+        context = {**context, "locale": locale}
+        parameters = []
+        for number, template in enumerate(mapping.body[locale], start=1):
+            try:
+                value = " ".join(template.render(context).split())
+            except TemplateError as error:
+                raise RenderError(f"WhatsApp template {name}, body parameter {number} failed to render: {error}") from error
+            if not value:
+                raise RenderError(f"WhatsApp template {name}, body parameter {number} rendered empty for locale {locale}")
+            parameters.append(value)
+        return RenderedWhatsApp(name=mapping.name, language=mapping.languages[locale], parameters=parameters, locale=locale)
+
+    def _compile_sms(self, name: str, locale: str) -> Template:
+        path = self.template_dir / "sms" / f"{name}.{locale}.txt"
+        if not path.exists():
+            raise TemplateNotFound(f"no SMS template {name!r} for locale {locale!r} at {path}")
+        try:
+            return self._plain.from_string(path.read_text(encoding="utf-8"))
+        except TemplateError as error:
+            raise RenderError(f"SMS template {path.name} does not compile: {error}") from error
+
+    def _compile_whatsapp(self, name: str) -> WhatsAppMapping:
+        path = self.template_dir / "whatsapp" / f"{name}.yaml"
+        if not path.exists():
+            raise TemplateNotFound(f"no WhatsApp template mapping {name!r} at {path}")
+        source = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(source, dict):
+            raise RenderError(f"{path.name} must be a mapping with name, languages and body")
+        meta_name, languages, body = source.get("name"), source.get("languages"), source.get("body", [])
+        if not isinstance(meta_name, str) or not meta_name.strip():
+            raise RenderError(f"{path.name}: name must be the approved WhatsApp template's name")
+        if not isinstance(languages, dict) or not languages or not all(
+            isinstance(key, str) and isinstance(value, str) and value for key, value in languages.items()
+        ):
+            raise RenderError(f"{path.name}: languages must map each locale to a WhatsApp language code, e.g. en: en_US")
+        if isinstance(body, list):
+            body = {locale: body for locale in languages}
+        if not isinstance(body, dict) or set(body) != set(languages):
+            raise RenderError(
+                f"{path.name}: body must be a list of parameters, or a mapping with one list per locale "
+                f"in languages ({', '.join(sorted(languages))})"
+            )
+        compiled: dict[str, list[Template]] = {}
+        for locale, parameters in body.items():
+            if not isinstance(parameters, list) or not all(isinstance(item, str) for item in parameters):
+                raise RenderError(f"{path.name}: body parameters for {locale} must be a list of strings")
+            try:
+                compiled[locale] = [self._plain.from_string(item) for item in parameters]
+            except TemplateError as error:
+                raise RenderError(f"{path.name}: a body parameter for {locale} does not compile: {error}") from error
+        return WhatsAppMapping(name=meta_name.strip(), languages=dict(languages), body=compiled)

@@ -183,6 +183,7 @@ class Profile(BaseModel):
     email: str | None
     first_name: str | None
     locale: Locale
+    phone: str | None = Field(None, description="`traits.phone` in E.164; None when missing or not a valid number.")
     timezone: str
     traits: dict[str, Any] = Field(default_factory=dict)
 

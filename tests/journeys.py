@@ -10,7 +10,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from bisik.models import JourneyInput, JourneyResult
     from workflows.matching import track
-    from workflows.toolkit import Journey
+    from workflows.toolkit import Journey, NoState
 
 PING = track("Probe Ping")
 
@@ -46,3 +46,53 @@ class Probe(Journey[ProbeState]):
             self.state.ping_ids.append(ping.id)
             self.state.last_ping_at = max(self.state.last_ping_at, ping.timestamp)
         self.state.quiet_at = workflow.now()
+
+
+@workflow.defn(name="consent_probe")
+class ConsentProbe(Journey[NoState]):
+    """Email on day 0 and day 3, then the cart on WhatsApp on day 5: one customer, two channels.
+
+    Neither later step ends the journey when its channel is suppressed, so a customer who left
+    email can still get the WhatsApp message they consented to.
+    """
+
+    name = "consent_probe"
+    starts_on = (track("Consent Probe Started"),)
+
+    @workflow.run
+    async def run(self, input: JourneyInput) -> JourneyResult:
+        return await self.play()
+
+    async def steps(self) -> None:
+        await self.send("welcome_1", step="email_day_0")
+
+        await self.sleep_until(self.after(self.entered_at, days=3))
+        await self.send("welcome_tips", step="email_day_3", exit_if_suppressed=False)
+
+        await self.sleep_until(self.after(self.entered_at, days=5))
+        cart = self.trigger.properties["cart"] if self.trigger else {}
+        await self.send(
+            "cart_reminder_1", step="whatsapp_day_5", channel="whatsapp", data={"cart": cart}, exit_if_suppressed=False
+        )
+
+
+@workflow.defn(name="channel_probe")
+class ChannelProbe(Journey[NoState]):
+    """Sends one message at once: the template, channel and data named by the start event."""
+
+    name = "channel_probe"
+    starts_on = (track("Channel Probe Started"),)
+
+    @workflow.run
+    async def run(self, input: JourneyInput) -> JourneyResult:
+        return await self.play()
+
+    async def steps(self) -> None:
+        wanted = self.trigger.properties if self.trigger else {}
+        await self.send(
+            wanted["template"],
+            step="message",
+            channel=wanted["channel"],
+            data=wanted.get("data", {}),
+            exit_if_suppressed=False,
+        )
