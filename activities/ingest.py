@@ -240,37 +240,47 @@ class EventStore:
     ) -> None:
         """Compute what journeys route on but the client did not send, and update the catalog.
 
-        Sets `product_views_24h` on each `Product Viewed`: views of that product by that customer
-        in the 24 hours up to and including this one, stored earlier or earlier in this call.
+        Sets on each `Product Viewed` the views (`product_views_24h`, this one included) and cart
+        adds (`product_carted_24h`) of that product by that customer in the 24 hours up to it,
+        stored before or earlier in this call; a product is matched by `product_id`, else `sku`.
         """
         catalog: dict[str, dict[str, Any]] = {}
-        earlier_in_call: dict[tuple[str, str], list[datetime]] = defaultdict(list)
+        earlier_in_call: dict[tuple[str, str, str], list[datetime]] = defaultdict(list)
         for event, customer_id in zip(events, customers, strict=True):
             if event.type != "track" or event.name not in PRODUCT_EVENTS or not event.properties:
                 continue
             product_id = event.properties.get("product_id") or event.properties.get("sku")
             if product_id is None:
                 continue
+            product_id = str(product_id)
             # Later events of the call win, field by field, as they would one call after another.
-            catalog[str(product_id)] = {**catalog.get(str(product_id), {}), **event.properties}
+            catalog[product_id] = {**catalog.get(product_id, {}), **event.properties}
+            earlier_in_call[(customer_id, product_id, event.name or "")].append(event.timestamp)
             if event.name != "Product Viewed":
                 continue
-            key = (customer_id, str(product_id))
-            stored_views = await connection.fetchval(
+            stored = await connection.fetchrow(
                 """
-                SELECT count(*) FROM events
-                WHERE customer_id = $1 AND name = 'Product Viewed' AND type = 'track'
-                  AND properties ->> 'product_id' = $2
+                SELECT count(*) FILTER (WHERE name = 'Product Viewed') AS views,
+                       count(*) FILTER (WHERE name = 'Product Added') AS adds
+                FROM events
+                WHERE customer_id = $1 AND type = 'track' AND name IN ('Product Viewed', 'Product Added')
+                  AND COALESCE(properties ->> 'product_id', properties ->> 'sku') = $2
                   AND timestamp > $3::timestamptz - interval '24 hours' AND timestamp <= $3::timestamptz
                 """,
                 customer_id,
-                str(product_id),
+                product_id,
                 event.timestamp,
             )
             window_start = event.timestamp - VIEW_WINDOW
-            in_call = sum(1 for seen in earlier_in_call[key] if window_start < seen <= event.timestamp)
-            earlier_in_call[key].append(event.timestamp)
-            event.derived["product_views_24h"] = stored_views + in_call + 1
+
+            def in_call(name: str) -> int:
+                return sum(
+                    1 for seen in earlier_in_call[(customer_id, product_id, name)] if window_start < seen <= event.timestamp
+                )
+
+            # This view is among the in-call views already.
+            event.derived["product_views_24h"] = stored["views"] + in_call("Product Viewed")
+            event.derived["product_carted_24h"] = stored["adds"] + in_call("Product Added")
         for properties in catalog.values():
             await CatalogStore.update_from_event(connection, properties)
 

@@ -157,7 +157,8 @@ class Settings(BaseSettings):
 
     # Journeys
     template_dir: Path | None = Field(
-        None, description="Folder with your own `email/<name>.<locale>.yaml` templates, replacing the shipped ones."
+        None,
+        description="Folder replacing the shipped templates: `email/`, `whatsapp/` and `sms/` as in `templates/`.",
     )
     default_locale: Literal["en", "id"] = "en"
     default_timezone: str = "Asia/Jakarta"

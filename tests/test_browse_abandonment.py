@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+import httpx
 import pytest
 from temporalio.client import Client
 
@@ -604,3 +605,28 @@ async def test_two_quick_api_views_one_email(
         assert runs[0].status.name == "COMPLETED"
     finally:
         await worker.stop()
+
+
+async def test_carted_product_views_do_not_qualify(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    product = {"product_id": "carted-1", "name": "Kettle", "category": "kitchen", "price": 20.0}
+    await api.post("/v1/track", json={"userId": "cart-first", "event": "Product Added", "properties": product})
+    for _ in range(2):
+        await api.post("/v1/track", json={"userId": "cart-first", "event": "Product Viewed", "properties": product})
+
+    views = await pool.fetch("SELECT derived FROM events WHERE name = 'Product Viewed' ORDER BY id")
+    assert [row["derived"] for row in views] == [
+        {"product_views_24h": 1, "product_carted_24h": 1},
+        {"product_views_24h": 2, "product_carted_24h": 1},
+    ]
+    routed = await pool.fetch(
+        "SELECT e.name FROM outbox o JOIN events e ON e.id = o.event_id ORDER BY o.event_id"
+    )
+    assert [row["name"] for row in routed] == ["Product Added"]
+
+
+async def test_views_by_sku_counted(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    for _ in range(2):
+        await api.post("/v1/track", json={"userId": "sku-only", "event": "Product Viewed", "properties": {"sku": "SKU-9", "name": "Mug"}})
+
+    views = await pool.fetch("SELECT derived FROM events WHERE name = 'Product Viewed' ORDER BY id")
+    assert [row["derived"]["product_views_24h"] for row in views] == [1, 2]

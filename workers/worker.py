@@ -31,10 +31,12 @@ log = get_logger(__name__)
 workflow.logger.workflow_info_on_message = False
 
 
-def journey_activities(pool: asyncpg.Pool, settings: Settings) -> list[Any]:
+def journey_activities(
+    pool: asyncpg.Pool, settings: Settings, messaging: MessagingActivities | None = None
+) -> list[Any]:
     """Every activity a journey may call, bound to the pool and settings."""
     runs = JourneyRunActivities(pool, settings)
-    messaging = MessagingActivities(pool, settings)
+    messaging = messaging or MessagingActivities(pool, settings)
     catalog = CatalogActivities(pool)
     customers = CustomerActivities(pool)
     return [
@@ -56,12 +58,13 @@ def build_worker(
     *,
     task_queue: str | None = None,
     journeys: Sequence[type[Journey]] = JOURNEYS,
+    messaging: MessagingActivities | None = None,
 ) -> Worker:
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,
         workflows=list(journeys),
-        activities=journey_activities(pool, settings),
+        activities=journey_activities(pool, settings, messaging),
         max_cached_workflows=settings.worker_max_cached_workflows,
         max_concurrent_workflow_task_polls=settings.worker_workflow_task_pollers,
         max_concurrent_activities=settings.worker_max_concurrent_activities,
@@ -87,7 +90,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         client = await temporal.connect_with_retry(settings, stop)
         if client is None:
             return
-        worker = build_worker(client, pool, settings)
+        messaging = MessagingActivities(pool, settings)
+        worker = build_worker(client, pool, settings, messaging=messaging)
         tasks = [asyncio.create_task(worker.run(), name="temporal-worker")]
         if settings.worker_runs_relay:
             relay = OutboxRelay(pool, client, settings, RoutingIndex())
@@ -110,6 +114,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         await worker.shutdown()
         await asyncio.gather(*tasks, return_exceptions=True)
         stop_task.cancel()
+        await messaging.close()
         log.info("worker.stopped")
     finally:
         await pool.close()

@@ -41,13 +41,16 @@ EMAIL_DEADLINE_HOURS = 48
 
 
 def _viewed_at_least_twice(event: EventView) -> bool:
+    """A second view within 24 hours of a product not added to the cart in those 24 hours.
+
+    Both counts come from ingest, because a cart add from before the entry never reaches this
+    journey: the relay delivers listened-to events only to an active run.
+    """
     views = event.derived.get("product_views_24h")
-    return isinstance(views, int) and not isinstance(views, bool) and views >= 2
+    carted = event.derived.get("product_carted_24h", 0)
+    return isinstance(views, int) and not isinstance(views, bool) and views >= 2 and not carted
 
 
-# NOTE: a cart add from before the entry never reaches this journey, because the relay delivers
-# listened-to events only to an active run. A product added to the cart and then viewed twice
-# more still qualifies, unless ingest records on the view that the product was carted.
 QUALIFYING_VIEW = track("Product Viewed", where=_viewed_at_least_twice)
 PRODUCT_ADDED = track("Product Added")
 ORDER_COMPLETED = track("Order Completed")
