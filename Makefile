@@ -3,15 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# Installing Debian packages needs root; elsewhere sudo asks for it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install dev demo test clean
 
 DEMO_FILE ?= ../shared/data/rees46/2019-Oct-first-3h.csv
 DEMO_ARGS ?=
 
+# Debian's Chromium is for the track.js browser test, which launches /usr/bin/chromium through
+# Playwright; `playwright install`, which downloads a browser build, is never run.
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	test -x /usr/bin/chromium || $(SUDO) sh -c 'apt-get update -q && apt-get install -y -q chromium'
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

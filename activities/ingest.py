@@ -178,7 +178,8 @@ class EventStore:
     ) -> int | None:
         """Store an event Bisik itself observed about a customer (an unsubscribe, an email open).
 
-        Returns the new event id, or None when `message_id` was stored before. Only with
+        Returns the new event id, or None when `message_id` was stored before. Consent changes
+        and bounces apply in the same transaction, as for ingested events. Only with
         `counts_as_activity` (opens and clicks) does it move the customer's `last_seen_at`.
         """
         now = datetime.now(UTC)
@@ -215,6 +216,7 @@ class EventStore:
                 original_timestamp=None, sent_at=None, received_at=now, properties=properties,
                 traits=None, context={}, payload={},
             )  # fmt: skip
+            await self._record_contact_events(connection, probe, customer, event_id)
             if self.needs_routing(probe):
                 await connection.execute(
                     "INSERT INTO outbox (event_id, customer_id) VALUES ($1, $2)", event_id, customer

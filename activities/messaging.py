@@ -54,6 +54,7 @@ from activities.email import (
 from activities.policy import ContactPolicy
 from activities.suppressions import SuppressionStore
 from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
+from activities.tracking import add_tracking, preference_url
 from bisik.links import LinkSigner
 from bisik.logs import get_logger
 from bisik.models import Profile, SendRequest, SendResult
@@ -215,11 +216,19 @@ class MessagingActivities:
         except (RenderError, TemplateNotFound) as error:
             return await self._finish(row["id"], "failed", str(error), level="error")
 
+        # Opens and clicks come back as events that journeys and the re-engagement clock see.
+        html = add_tracking(
+            rendered.html,
+            signer=self.links,
+            public_url=self.settings.public_url,
+            message_id=row["id"],
+            customer_id=profile.customer_id,
+        )
         outgoing = OutgoingEmail(
             recipient=profile.email,
             subject=rendered.subject,
             text=rendered.text,
-            html=rendered.html,
+            html=html,
             idempotency_key=request.idempotency_key,
             headers=self._headers(request, unsubscribe_url),
         )
@@ -437,6 +446,7 @@ class MessagingActivities:
         return {
             **request.data,
             "unsubscribe_url": unsubscribe_url,
+            "preference_url": preference_url(self.links, self.settings.public_url, profile.customer_id),
             "transactional": request.transactional,
             "customer": {
                 "first_name": profile.first_name,

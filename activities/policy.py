@@ -58,25 +58,29 @@ class ContactPolicy:
         return QuietHours.parse(self.settings.quiet_hours)
 
     async def consent_refusal(self, customer_id: str, channel: str, topic: str | None) -> str | None:
-        """Return why the customer's consent does not allow marketing on `channel`, or None."""
+        """Return why the customer's consent does not allow marketing on `channel`, or None.
+
+        The latest consent for the channel as a whole decides first: withdrawn there means no
+        topic of the channel either. Then the latest consent for the topic, if one was recorded.
+        """
         if channel == "webhook":
             return None
-        latest = await self.pool.fetchrow(
+        rows = await self.pool.fetch(
             """
-            SELECT granted, topic FROM consents
+            SELECT DISTINCT ON (topic IS NULL) topic IS NULL AS whole_channel, granted FROM consents
             WHERE customer_id = (SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1)
               AND channel = $2 AND (topic IS NULL OR topic = $3)
-            ORDER BY (topic IS NULL), recorded_at DESC
-            LIMIT 1
+            ORDER BY topic IS NULL, recorded_at DESC
             """,
             customer_id,
             channel,
             topic,
         )
-        if latest is not None and not latest["granted"]:
+        latest = {row["whole_channel"]: row["granted"] for row in rows}
+        if latest.get(True) is False or latest.get(False) is False:
             return f"no consent: {channel} consent withdrawn"
         needs_consent = channel in ("whatsapp", "sms") or self.settings.email_requires_consent
-        if needs_consent and latest is None:
+        if needs_consent and not latest:
             return f"no consent: {channel} marketing needs the customer's consent"
         return None
 

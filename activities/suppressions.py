@@ -42,6 +42,28 @@ class SuppressionStore:
             log.info("customer.suppressed", customer_id=customer_id, channel=channel, reason=reason, source=source)
         return inserted is not None
 
+    async def unsuppress(self, customer_id: str, *, channel: str, reason: str, topic: str | None = None) -> bool:
+        """Remove a suppression, such as an unsubscribe the customer takes back; return False when there was none.
+
+        Only the suppression of exactly this channel, topic and reason goes: one for channel
+        `all`, or for another reason such as a hard bounce, stays.
+        """
+        removed = await self.pool.fetchval(
+            """
+            DELETE FROM suppressions
+            WHERE customer_id = (SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1)
+              AND channel = $2 AND COALESCE(topic, '') = COALESCE($3, '') AND reason = $4
+            RETURNING id
+            """,
+            customer_id,
+            channel,
+            topic,
+            reason,
+        )
+        if removed is not None:
+            log.info("customer.unsuppressed", customer_id=customer_id, channel=channel, reason=reason)
+        return removed is not None
+
     async def reason_suppressed(self, customer_id: str, channel: str, topic: str | None = None) -> str | None:
         """Return why marketing on `channel` (and `topic`) may not reach the customer, or None."""
         return await self.pool.fetchval(

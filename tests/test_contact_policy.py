@@ -355,3 +355,14 @@ async def test_soft_bounce_does_not_suppress(api: httpx.AsyncClient, pool: async
 
     reasons = [row["reason"] for row in await pool.fetch("SELECT reason FROM suppressions")]
     assert reasons == ["complaint"]
+
+
+async def test_channel_withdrawal_outranks_topic_grant(pool: asyncpg.Pool, policy_settings: Settings) -> None:
+    customer_id = await customer(pool, "withdrawn")
+    activities = MessagingActivities(pool, policy_settings)
+    await store_call(pool, {"type": "track", "userId": "withdrawn", "event": "Consent Updated", "properties": {"channel": "whatsapp", "granted": True, "topic": "promotions"}})
+    await store_call(pool, {"type": "track", "userId": "withdrawn", "event": "Consent Updated", "properties": {"channel": "whatsapp", "granted": False}})
+
+    refusal = await activities.policy.consent_refusal(customer_id, "whatsapp", "promotions")
+
+    assert refusal == "no consent: whatsapp consent withdrawn"

@@ -158,7 +158,7 @@ async def test_missing_write_key_rejected(api_server: ApiServer, pool: asyncpg.P
     assert response.headers["www-authenticate"] == 'Basic realm="bisik"'
     assert response.json() == {
         "code": "unauthorized",
-        "message": "missing write key: send it as the HTTP Basic user name",
+        "message": "missing write key: send it as the HTTP Basic user name or as writeKey in the JSON body",
     }
     await assert_nothing_stored(pool)
 
