@@ -5,14 +5,34 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
+from datetime import datetime
+
 from activities.suppressions import SuppressionStore
-from bisik.models import CustomerActivity
+from bisik.models import CustomerActivity, LocalTimeRequest
+from bisik.policy import local_instant, zone_or_default
 
 
 class CustomerActivities:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, default_timezone: str = "UTC") -> None:
         self.pool = pool
+        self.default_timezone = default_timezone
         self.suppressions = SuppressionStore(pool)
+
+    @activity.defn(name="resolve_local_time")
+    async def resolve_local_time(self, request: LocalTimeRequest) -> datetime:
+        """Return the instant of a wall-clock time in the customer's time zone (else the account's).
+
+        The zone's rules for that day apply, so a time planned before a clock change lands on the
+        intended local hour after it.
+        """
+        zone_name = await self.pool.fetchval(
+            """
+            SELECT traits ->> 'timezone' FROM customers
+            WHERE id = (SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1)
+            """,
+            request.customer_id,
+        )
+        return local_instant(request.day, request.clock, zone_or_default(zone_name, self.default_timezone))
 
     @activity.defn(name="load_activity")
     async def load_activity(self, customer_id: str) -> CustomerActivity:

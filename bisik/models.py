@@ -6,7 +6,7 @@ Nothing here does I/O, so workflow code can import this module through the sandb
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -255,3 +255,11 @@ class CustomerActivity(BaseModel):
     customer_id: str
     last_seen_at: datetime | None
     suppressed: str | None = Field(None, description="Why marketing email may not reach them, if it may not.")
+
+
+class LocalTimeRequest(BaseModel):
+    """A wall-clock time in the customer's time zone, to turn into an instant."""
+
+    customer_id: str
+    day: date
+    clock: time

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime, time
 
 from pydantic import BaseModel
 from temporalio import workflow
@@ -96,3 +96,31 @@ class ChannelProbe(Journey[NoState]):
             data=wanted.get("data", {}),
             exit_if_suppressed=False,
         )
+
+
+class LocalProbeState(BaseModel):
+    planned_for: datetime | None = None
+    woke_at: datetime | None = None
+
+
+@workflow.defn(name="local_probe")
+class LocalProbe(Journey[LocalProbeState]):
+    """Sleeps until a wall-clock time in the customer's zone, given as `day` and `clock` properties."""
+
+    name = "local_probe"
+    starts_on = (track("Local Probe Started"),)
+    State = LocalProbeState
+
+    @workflow.run
+    async def run(self, input: JourneyInput) -> JourneyResult:
+        return await self.play()
+
+    async def steps(self) -> None:
+        assert self.trigger is not None
+        properties = self.trigger.properties
+        if self.state.planned_for is None:
+            self.state.planned_for = await self.at_local(
+                date.fromisoformat(properties["day"]), time.fromisoformat(properties["clock"])
+            )
+        await self.sleep_until(self.state.planned_for)
+        self.state.woke_at = workflow.now()

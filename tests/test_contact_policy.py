@@ -366,3 +366,29 @@ async def test_channel_withdrawal_outranks_topic_grant(pool: asyncpg.Pool, polic
     refusal = await activities.policy.consent_refusal(customer_id, "whatsapp", "promotions")
 
     assert refusal == "no consent: whatsapp consent withdrawn"
+
+
+async def test_local_hour_planned_before_clock_change_lands_after_it(
+    time_skipping_env, pool: asyncpg.Pool, settings: Settings
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.journeys import LocalProbe
+    from workers.relay import signal_with_start
+    from workers.worker import build_worker
+
+    # Planned while New York is on daylight time, for 14:00 local after clocks go back (2027-11-07).
+    await store_call(pool, {"type": "identify", "userId": "new-york", "traits": {"email": "ny@example.com", "timezone": "America/New_York"}})
+    start = await store_call(
+        pool,
+        {"type": "track", "userId": "new-york", "event": "Local Probe Started", "properties": {"day": "2027-11-08", "clock": "14:00"},
+         "timestamp": (await time_skipping_env.get_current_time()).isoformat()},
+    )
+    async with build_worker(time_skipping_env.client, pool, settings, journeys=[LocalProbe]) as worker:
+        handle = await signal_with_start(
+            time_skipping_env.client, journey="local_probe", event=start, task_queue=worker.task_queue, search_attributes=False
+        )
+        await handle.result()
+        state = await handle.query("journey_state")
+
+    assert datetime.fromisoformat(state["planned_for"]) == datetime(2027, 11, 8, 19, tzinfo=UTC)
+    assert datetime.fromisoformat(state["woke_at"]) >= datetime(2027, 11, 8, 19, tzinfo=UTC)
+    assert datetime.fromisoformat(state["woke_at"]) - datetime(2027, 11, 8, 19, tzinfo=UTC) < timedelta(seconds=5)

@@ -161,3 +161,37 @@ async def test_transactional_message_still_sent_after_unsubscribe(
         ("review_request", "suppressed"),
     ]
     assert (await handle.describe()).status.name == "COMPLETED"
+
+
+async def test_unsubscribe_day_1_stops_day_3_email_not_thank_you(
+    journeys: JourneyHarness, api: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """Emails planned for day 0 and day 3; an unsubscribe on day 1 stops the day-3 email (recorded
+    as suppressed, attempted once, not retried) while the order thank-you still goes."""
+    customer = await journeys.customer("unsub-3", first_name="Dina")
+    start = await journeys.now()
+    welcome = await journeys.deliver("welcome", await journeys.event("unsub-3", "Signed Up", start))
+    await journeys.env.sleep(timedelta(days=1))
+    [welcome_mail] = journeys.mail_to("unsub-3@example.com")
+    link = re.search(r"http://\S+/u/\S+", welcome_mail.text()).group(0)
+
+    assert (await api.get("/u/" + token_in(link))).status_code == 200
+    await journeys.env.sleep(timedelta(days=1))
+    order = {"order_id": "o-3", "total": 12.0, "products": [{"product_id": "p", "name": "Tea", "price": 12.0}]}
+    await journeys.deliver("post_purchase", await journeys.event("unsub-3", "Order Completed", **order))
+    await journeys.env.sleep(timedelta(days=1, hours=1))
+
+    rows = await journeys.messages(customer)
+    assert [(row["template"], row["status"]) for row in rows] == [
+        ("welcome_1", "sent"),
+        ("order_thank_you", "sent"),
+        ("welcome_tips", "suppressed"),
+    ]
+    assert rows[2]["attempts"] == 1
+    assert rows[2]["reason"] == "unsubscribed"
+    assert [mail.header("X-Bisik-Step") for mail in journeys.mail_to("unsub-3@example.com")] == ["welcome", "thank_you:o-3"]
+    assert (await welcome.describe()).status.name == "COMPLETED"
+    run = await pool.fetchrow(
+        "SELECT status, reason FROM journey_runs WHERE customer_id = $1 AND journey = 'welcome'", customer
+    )
+    assert (run["status"], run["reason"]) == ("exited", "suppressed: unsubscribed")

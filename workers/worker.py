@@ -38,7 +38,7 @@ def journey_activities(
     runs = JourneyRunActivities(pool, settings)
     messaging = messaging or MessagingActivities(pool, settings)
     catalog = CatalogActivities(pool)
-    customers = CustomerActivities(pool)
+    customers = CustomerActivities(pool, settings.default_timezone)
     return [
         runs.record_journey_run,
         runs.check_reentry,
@@ -48,6 +48,7 @@ def journey_activities(
         catalog.load_products,
         customers.load_activity,
         customers.mark_sunset,
+        customers.resolve_local_time,
     ]
 
 

@@ -24,7 +24,7 @@ How the toolkit keeps a journey correct:
 from __future__ import annotations
 
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -35,12 +35,13 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from bisik.models import (
         EVENT_SIGNAL,
+        CatalogProduct,
+        CustomerActivity,
         JourneyEvent,
         JourneyInput,
         JourneyResult,
         JourneyRunRecord,
-        CatalogProduct,
-        CustomerActivity,
+        LocalTimeRequest,
         Profile,
         ReentryCheck,
         ReentryDecision,
@@ -215,6 +216,19 @@ class Journey(Generic[StateT]):
         """Return when the customer was last seen and whether marketing email may reach them."""
         return await workflow.execute_activity(
             "load_activity", self.customer_id, result_type=CustomerActivity, start_to_close_timeout=PROFILE_TIMEOUT
+        )
+
+    async def at_local(self, day: date, clock: time) -> datetime:
+        """Return when it is `clock` on `day` in the customer's time zone, as an instant.
+
+        Resolved by an activity, so the answer is recorded in the history and a replay does not
+        depend on the worker's time zone data.
+        """
+        return await workflow.execute_local_activity(
+            "resolve_local_time",
+            LocalTimeRequest(customer_id=self.customer_id, day=day, clock=clock),
+            result_type=datetime,
+            start_to_close_timeout=LOCAL_ACTIVITY_TIMEOUT,
         )
 
     async def sunset(self) -> None:
