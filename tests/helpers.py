@@ -55,3 +55,19 @@ async def store_call(pool, call: dict, *, source: str = "src_test", received_at=
         traits=row["traits"] or {},
         derived=row["derived"] or {},
     )
+
+
+def click_targets(html: str, secret_key: str) -> list[str]:
+    """Return the URLs behind the tracked links of an email's HTML, in order."""
+    import re
+
+    from activities.tracking import read_click_token
+    from bisik.links import LinkSigner
+
+    signer = LinkSigner(secret_key)
+    targets = []
+    for token in re.findall(r'/t/c/([^"\s]+)"', html):
+        click = read_click_token(signer, token)
+        if click is not None:
+            targets.append(click.url)
+    return targets
