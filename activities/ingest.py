@@ -1,6 +1,6 @@
 """Storing incoming events: identity, profile change, event row and outbox row in one transaction.
 
-The API answers 200 only after `EventStore.store` has committed, so an acknowledged event is
+The API returns 200 only after `EventStore.store` has committed, so an acknowledged event is
 never lost. Routing to Temporal happens later, from the outbox, by the relay.
 """
 
@@ -56,7 +56,7 @@ def lock_key(identity: str) -> int:
 
 class EventStore:
     def __init__(self, pool: asyncpg.Pool, needs_routing: Callable[[IncomingEvent], bool]) -> None:
-        """`needs_routing` tells whether any journey wants an event; only those get an outbox row."""
+        """`needs_routing` returns whether any journey wants an event; only those get an outbox row."""
         self.pool = pool
         self.needs_routing = needs_routing
 

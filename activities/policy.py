@@ -2,9 +2,9 @@
 
 Order of checks, each recorded on the message row as its `decision`:
 
-1. Consent: WhatsApp and SMS marketing need the customer's consent for that channel (and topic);
-   email needs it only with BISIK_EMAIL_REQUIRES_CONSENT, but an explicit email opt-out always
-   counts. Without it the message is `suppressed`.
+1. Consent: WhatsApp and SMS marketing need the customer's consent for that channel (and topic).
+   Email needs it only with BISIK_EMAIL_REQUIRES_CONSENT, though an explicit email opt-out always
+   counts. Without consent the message is `suppressed`.
 2. Frequency caps (BISIK_FREQUENCY_CAPS) across every journey, counting marketing messages sent
    or holding a slot. Higher-priority deferred messages, and earlier ones of equal priority,
    hold their slots, so when two journeys compete the higher priority goes first.

@@ -197,7 +197,7 @@ async def test_no_new_series_within_7_days(journeys: JourneyHarness) -> None:
 
 
 async def test_download_during_series_starts_nothing(journeys: JourneyHarness) -> None:
-    customer = await journeys.customer("content-6")
+    await journeys.customer("content-6")
     start = await journeys.now()
     handle = await journeys.deliver("content_engagement", await journeys.event("content-6", "E-book Downloaded", start, **EBOOK))
 
