@@ -57,7 +57,14 @@ class Settings(BaseSettings):
 
     # Worker
     worker_workflow_task_pollers: int = Field(20, ge=1)
-    worker_max_cached_workflows: int = Field(1000, ge=0)
+    worker_max_cached_workflows: int = Field(
+        4000,
+        ge=0,
+        description=(
+            "Journeys a worker keeps in memory, about 85 KB each; fewer than the open journeys it "
+            "serves makes it replay histories (see docs/benchmarks.md)."
+        ),
+    )
     worker_max_concurrent_activities: int = Field(100, ge=1)
     worker_runs_relay: bool = Field(
         True,
