@@ -375,13 +375,20 @@ async def test_local_hour_planned_before_clock_change_lands_after_it(
     from workers.relay import signal_with_start
     from workers.worker import build_worker
 
-    # Planned while New York is on daylight time, for 14:00 local after clocks go back (2027-11-07).
+    # 14:00 in New York on the Monday after clocks go back next year, planned today: the shared
+    # test server's clock may be anywhere, so the date is taken relative to it.
+    now = await time_skipping_env.get_current_time()
+    clocks_go_back = date(now.year + 1, 11, 1)
+    while clocks_go_back.weekday() != 6:  # the first Sunday of November
+        clocks_go_back += timedelta(days=1)
+    target_day = clocks_go_back + timedelta(days=1)
+    expected = datetime(target_day.year, target_day.month, target_day.day, 19, tzinfo=UTC)  # 14:00 EST
     await store_call(pool, {"type": "identify", "userId": "new-york", "traits": {"email": "ny@example.com", "timezone": "America/New_York"}})
     start = await store_call(
         pool,
-        {"type": "track", "userId": "new-york", "event": "Local Probe Started", "properties": {"day": "2027-11-08", "clock": "14:00"},
-         "timestamp": (await time_skipping_env.get_current_time()).isoformat()},
-    )
+        {"type": "track", "userId": "new-york", "event": "Local Probe Started",
+         "properties": {"day": target_day.isoformat(), "clock": "14:00"}, "timestamp": now.isoformat()},
+    )  # fmt: skip
     async with build_worker(time_skipping_env.client, pool, settings, journeys=[LocalProbe]) as worker:
         handle = await signal_with_start(
             time_skipping_env.client, journey="local_probe", event=start, task_queue=worker.task_queue, search_attributes=False
@@ -389,6 +396,6 @@ async def test_local_hour_planned_before_clock_change_lands_after_it(
         await handle.result()
         state = await handle.query("journey_state")
 
-    assert datetime.fromisoformat(state["planned_for"]) == datetime(2027, 11, 8, 19, tzinfo=UTC)
-    assert datetime.fromisoformat(state["woke_at"]) >= datetime(2027, 11, 8, 19, tzinfo=UTC)
-    assert datetime.fromisoformat(state["woke_at"]) - datetime(2027, 11, 8, 19, tzinfo=UTC) < timedelta(seconds=5)
+    assert datetime.fromisoformat(state["planned_for"]) == expected
+    assert datetime.fromisoformat(state["woke_at"]) >= expected
+    assert datetime.fromisoformat(state["woke_at"]) - expected < timedelta(seconds=5)
