@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +42,22 @@ class JourneyEvent(BaseModel):
     derived: dict[str, Any] = Field(
         default_factory=dict, description="Facts Bisik computed at ingest, such as product_views_24h."
     )
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], *, id_column: str = "id") -> JourneyEvent:
+        """Build the event from a row of the `events` table (or a query selecting its columns)."""
+        return cls(
+            id=row[id_column],
+            message_id=row["message_id"],
+            type=row["type"],
+            name=row["name"],
+            customer_id=row["customer_id"],
+            timestamp=row["timestamp"],
+            received_at=row["received_at"],
+            properties=row["properties"] or {},
+            traits=row["traits"] or {},
+            derived=row["derived"] or {},
+        )
 
 
 class JourneyInput(BaseModel):

@@ -43,18 +43,7 @@ async def store_call(pool, call: dict, *, source: str = "src_test", received_at=
     row = await pool.fetchrow(
         "SELECT * FROM events WHERE source = $1 AND message_id = $2", source, incoming.message_id
     )
-    return JourneyEvent(
-        id=row["id"],
-        message_id=row["message_id"],
-        type=row["type"],
-        name=row["name"],
-        customer_id=row["customer_id"],
-        timestamp=row["timestamp"],
-        received_at=row["received_at"],
-        properties=row["properties"] or {},
-        traits=row["traits"] or {},
-        derived=row["derived"] or {},
-    )
+    return JourneyEvent.from_row(row)
 
 
 def click_targets(html: str, secret_key: str) -> list[str]:

@@ -228,18 +228,7 @@ class OutboxRelay:
         return routed
 
     async def _dispatch(self, row: asyncpg.Record) -> None:
-        event = JourneyEvent(
-            id=row["event_id"],
-            message_id=row["message_id"],
-            type=row["type"],
-            name=row["name"],
-            customer_id=row["customer_id"],
-            timestamp=row["timestamp"],
-            received_at=row["received_at"],
-            properties=row["properties"] or {},
-            traits=row["traits"] or {},
-            derived=row["derived"] or {},
-        )
+        event = JourneyEvent.from_row(row, id_column="event_id")
         delivered = set(row["delivered_to"])
         for route in self.routing.routes(event):
             if route.journey.name in delivered:
