@@ -205,6 +205,10 @@ class Profile(BaseModel):
     traits: dict[str, Any] = Field(default_factory=dict)
 
 
+# The reason prefix of a message skipped because a product it lists was carted or bought.
+PRODUCT_CARTED_OR_BOUGHT = "listed product carted or bought"
+
+
 class SendRequest(BaseModel):
     """One message a journey step wants sent."""
 
@@ -233,6 +237,13 @@ class SendRequest(BaseModel):
     skip_if_events: list[str] = Field(
         default_factory=list,
         description="Track events that skip this one message (not the journey) if stored at or after `goal_since`.",
+    )
+    skip_if_products: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Product ids that skip this message if a `Product Added` or `Order Completed` stored at or after"
+            " `goal_since` names one of them; an order that names no product counts as naming them all."
+        ),
     )
 
 

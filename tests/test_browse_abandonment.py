@@ -341,6 +341,51 @@ async def test_cart_add_from_before_entry_ignored(journeys: JourneyHarness) -> N
     assert [row["status"] for row in await journeys.messages(customer)] == ["sent"]
 
 
+async def test_undelivered_cart_add_skips_email(journeys: JourneyHarness) -> None:
+    customer = await journeys.customer("browse-25")
+    start = await journeys.now()
+    handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-25", SHOES, start))
+
+    # Stored at 23 h but still on its way to the journey when the email is due at 24 h.
+    await journeys.env.sleep(timedelta(hours=23))
+    await journeys.event("browse-25", "Product Added", start + timedelta(hours=23), **SHOES)
+    result = await handle.result()
+
+    assert result.outcome == "exited"
+    assert result.reason == "viewed products carted or bought"
+    [row] = await journeys.messages(customer)
+    assert row["status"] == "skipped"
+    assert row["reason"] == "listed product carted or bought: Product Added"
+    assert journeys.mail_to("browse-25@example.com") == []
+
+
+async def test_undelivered_order_skips_email(journeys: JourneyHarness) -> None:
+    customer = await journeys.customer("browse-26")
+    start = await journeys.now()
+    handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-26", SHOES, start))
+
+    await journeys.env.sleep(timedelta(hours=23))
+    await journeys.event("browse-26", "Order Completed", start + timedelta(hours=23), order_id="o-26", products=[CAP, SHOES])
+    result = await handle.result()
+
+    assert result.reason == "viewed products carted or bought"
+    assert [row["status"] for row in await journeys.messages(customer)] == ["skipped"]
+
+
+async def test_undelivered_other_order_keeps_email(journeys: JourneyHarness) -> None:
+    customer = await journeys.customer("browse-27")
+    start = await journeys.now()
+    handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-27", SHOES, start))
+
+    await journeys.env.sleep(timedelta(hours=23))
+    await journeys.event("browse-27", "Order Completed", start + timedelta(hours=23), order_id="o-27", products=[CAP])
+    await journeys.event("browse-27", "Product Added", start + timedelta(hours=23), **TOTE)
+    result = await handle.result()
+
+    assert result.outcome == "completed"
+    assert [row["status"] for row in await journeys.messages(customer)] == ["sent"]
+
+
 async def test_sold_out_product_not_emailed(journeys: JourneyHarness) -> None:
     customer = await journeys.customer("browse-16")
     start = await journeys.now()
@@ -406,6 +451,25 @@ async def test_capped_email_waits_for_slot(journeys: JourneyHarness, settings: S
     [browse] = [row for row in await journeys.messages(customer) if row["journey"] == JOURNEY]
     assert browse["status"] == "sent"
     assert hours_between(browse["step_at"], start) == 36
+
+
+async def test_cart_add_while_deferred_skips_email(journeys: JourneyHarness, settings: Settings) -> None:
+    settings.frequency_caps = "email:1/16h"
+    customer = await journeys.customer("browse-28")
+    start = await journeys.now()
+    await send_newsletter(journeys, settings, customer, start + timedelta(hours=20))
+    handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-28", SHOES, start))
+
+    # Due at 24 h, deferred to 36 h by the cap; carted at 30 h while the email waits.
+    await journeys.env.sleep(timedelta(hours=30))
+    await handle.signal("event", await journeys.event("browse-28", "Product Added", start + timedelta(hours=30), **SHOES))
+    await journeys.env.sleep(timedelta(hours=6, minutes=1))
+
+    result = await handle.result()
+    assert result.reason == "viewed products carted or bought"
+    [browse] = [row for row in await journeys.messages(customer) if row["journey"] == JOURNEY]
+    assert browse["status"] == "skipped"
+    assert len(journeys.mail_to("browse-28@example.com")) == 1
 
 
 async def test_email_past_deadline_dropped(journeys: JourneyHarness, settings: Settings) -> None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from bisik.models import CatalogProduct, JourneyEvent, JourneyInput, JourneyResult, ReentryRule
+    from bisik.models import PRODUCT_CARTED_OR_BOUGHT, CatalogProduct, JourneyEvent, JourneyInput, JourneyResult, ReentryRule
     from workflows.commerce import order_from, product_from
     from workflows.matching import EventView, track
     from workflows.toolkit import PROFILE_TIMEOUT, Journey, JourneyExit
@@ -38,6 +38,8 @@ EMAIL_PRIORITY = 3
 # The contact policy may defer the email, but drops it rather than send it later than this many
 # hours after the qualifying view.
 EMAIL_DEADLINE_HOURS = 48
+# Patch id: the email names its viewed products so a cart add or order not yet delivered skips it.
+SKIP_CARTED_OR_BOUGHT = "browse-skip-carted-or-bought"
 
 
 def _viewed_at_least_twice(event: EventView) -> bool:
@@ -94,18 +96,19 @@ class BrowseAbandonment(Journey[BrowseState]):
             data={"products": _listing(products), "similar": _listing(similar), "currency": currency},
             priority=EMAIL_PRIORITY,
             deadline=self.after(self.entered_at, hours=EMAIL_DEADLINE_HOURS),
+            skip_if_products=[product.product_id for product in products] if workflow.patched(SKIP_CARTED_OR_BOUGHT) else [],
         )
         if sent.status == "dropped":
             # The message log keeps the policy's reason on the message row.
             raise JourneyExit("email dropped by the contact policy")
+        if sent.status == "skipped" and (sent.reason or "").startswith(PRODUCT_CARTED_OR_BOUGHT):
+            raise JourneyExit("viewed products carted or bought")
 
     async def _follow_products(self, *, until: datetime) -> None:
         """List products that qualify and drop those carted or bought, until `until`.
 
-        NOTE: unlike a goal, a cart add or order does not cancel the email when it is stored but
-        not yet delivered at send time, because no activity looks such events up. Nor does one
-        that arrives while the contact policy defers the email, because `send` does not return
-        until the deferral ends.
+        A cart add or order stored but not yet delivered when the email is due, or stored while
+        the contact policy defers the email, skips it at send time instead (`skip_if_products`).
         """
         while True:
             event = await self.wait_for(QUALIFYING_VIEW, PRODUCT_ADDED, ORDER_COMPLETED, until=until)

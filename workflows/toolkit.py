@@ -250,6 +250,7 @@ class Journey(Generic[StateT]):
         deadline: datetime | None = None,
         exit_if_suppressed: bool = True,
         skip_if: tuple[str, ...] = (),
+        skip_if_products: list[str] | None = None,
     ) -> SendResult:
         """Send `template` to the customer, at most once for this step of this entry.
 
@@ -263,7 +264,8 @@ class Journey(Generic[StateT]):
         customer ends it too, unless `exit_if_suppressed` is False (a journey that reaches the
         customer on another channel, say), when the `suppressed` result is returned instead.
         `skip_if` names track events that skip only this message when one is already stored
-        since the entry began, delivered to the journey or not.
+        since the entry began, delivered to the journey or not. `skip_if_products` does the same
+        for a cart add or order of one of the products named.
         """
         if step in self.completed_steps:
             return SendResult.model_validate(self.completed_steps[step])
@@ -291,6 +293,7 @@ class Journey(Generic[StateT]):
                 goal_events=[] if transactional else self._goal_event_names(),
                 goal_since=self.entered_at,
                 skip_if_events=list(skip_if),
+                skip_if_products=skip_if_products or [],
             )
             result = await self._send_once(request)
             if result.status != "deferred" or result.deferred_until is None:
