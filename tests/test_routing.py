@@ -225,3 +225,47 @@ async def test_redelivered_outbox_row_not_delivered_twice(
     assert await handle.query(Welcome.seen_event_ids) == [event_id]
     assert await workflow_runs(temporal_client, f"welcome:{customer_id}") == 1
 
+
+
+async def test_merged_shopper_keeps_one_cart_run(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    await api.post("/v1/identify", json={"userId": "shopper", "traits": {"email": "shopper@example.com"}})
+    await api.post("/v1/track", json={"anonymousId": "tablet", "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
+    await wait_for_outbox_empty(pool)
+    tablet = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = 'tablet'")
+    known = await customer_id_of(pool, "shopper")
+
+    # Logging in on the tablet merges its customer into the known one; the cart carries on.
+    await api.post("/v1/track", json={"userId": "shopper", "anonymousId": "tablet", "event": "Signed In"})
+    await api.post("/v1/track", json={"userId": "shopper", "event": "Product Added", "properties": {"product_id": "p-2", "price": 5}})
+    await wait_for_outbox_empty(pool)
+
+    assert await workflow_runs(temporal_client, f"abandoned_cart:{known}") == 0
+    handle = temporal_client.get_workflow_handle(f"abandoned_cart:{tablet}")
+    state = await handle.query("journey_state")
+    assert sorted(state["cart"]["items"]) == ["p-1", "p-2"]
+    runs = await pool.fetch("SELECT customer_id, status FROM journey_runs WHERE journey = 'abandoned_cart'")
+    assert [(row["customer_id"], row["status"]) for row in runs] == [(tablet, "active")]
+
+
+async def test_merged_run_ended_new_run_starts(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    await api.post("/v1/identify", json={"userId": "returner", "traits": {"email": "returner@example.com"}})
+    await api.post("/v1/track", json={"anonymousId": "laptop", "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
+    await wait_for_outbox_empty(pool)
+    laptop = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = 'laptop'")
+    known = await customer_id_of(pool, "returner")
+    await api.post("/v1/track", json={"userId": "returner", "anonymousId": "laptop", "event": "Signed In"})
+    await wait_for_outbox_empty(pool)
+    # The run ends while the log still shows it open.
+    await temporal_client.get_workflow_handle(f"abandoned_cart:{laptop}").terminate(reason="test")
+
+    await api.post("/v1/track", json={"userId": "returner", "event": "Product Added", "properties": {"product_id": "p-2", "price": 5}})
+    await wait_for_outbox_empty(pool)
+
+    state = await temporal_client.get_workflow_handle(f"abandoned_cart:{known}").query("journey_state")
+    assert sorted(state["cart"]["items"]) == ["p-2"]
+    closed = await pool.fetchrow("SELECT status, reason FROM journey_runs WHERE customer_id = $1", laptop)
+    assert (closed["status"], closed["reason"]) == ("exited", "workflow not found")

@@ -6,6 +6,11 @@ relay reads due rows, and for each matching journey either signal-with-starts th
 (events it only listens to). A row is deleted once every journey has the event; a journey that
 already got it is noted on the row, so a retry after a partial failure does not deliver twice.
 
+A journey that began before its customer was merged into another (an anonymous shopper who
+logs in) keeps following the person. While the surviving customer has no run of that journey
+open, their events go to the open run of a customer merged into them. Starting a second run
+would give the person the same journey twice.
+
 Ordering: one relay is active at a time (a PostgreSQL advisory lock elects it, others wait),
 each customer's events are dispatched one after another, and a customer whose earliest event
 is backing off gets nothing newer until that one succeeds.
@@ -249,6 +254,12 @@ class OutboxRelay:
                 # Such an entry would end at once; a site that sends `subscribed: true` with every
                 # identify would otherwise start a workflow per call.
                 return
+            active_for = await self._customer_with_active_run(journey, event.customer_id)
+            if active_for is not None and active_for != event.customer_id:
+                if await self._signal_merged_run(journey, active_for, event):
+                    return
+                if not route.starts:
+                    return
             if route.starts:
                 await signal_with_start(
                     self.client,
@@ -260,7 +271,7 @@ class OutboxRelay:
                     search_attributes=self.settings.temporal_search_attributes,
                 )
                 await self._open_run(journey, event.customer_id, workflow_id)
-            elif await self._has_active_run(journey, event.customer_id):
+            elif active_for is not None:
                 await self.client.get_workflow_handle(workflow_id).signal(EVENT_SIGNAL, event)
         except RPCError as error:
             if error.status in UNAVAILABLE_CODES:
@@ -270,6 +281,29 @@ class OutboxRelay:
                 await self._close_stale_run(journey, event.customer_id)
                 return
             raise
+
+    async def _signal_merged_run(self, journey: str, customer_id: str, event: JourneyEvent) -> bool:
+        """Signal the open run of `journey` for `customer_id`, merged into the event's customer.
+
+        Return False when that run has ended meanwhile, after closing it in the run log.
+        """
+        workflow_id = journey_workflow_id(journey, customer_id)
+        try:
+            await self.client.get_workflow_handle(workflow_id).signal(EVENT_SIGNAL, event)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            await self._close_stale_run(journey, customer_id)
+            return False
+        log.info(
+            "relay.routed_to_merged_run",
+            event_id=event.id,
+            customer_id=event.customer_id,
+            merged_customer_id=customer_id,
+            journey=journey,
+            workflow_id=workflow_id,
+        )
+        return True
 
     async def _open_run(self, journey: str, customer_id: str, workflow_id: str) -> None:
         await self.pool.execute(
@@ -290,9 +324,16 @@ class OutboxRelay:
             customer_id,
         )
 
-    async def _has_active_run(self, journey: str, customer_id: str) -> bool:
+    async def _customer_with_active_run(self, journey: str, customer_id: str) -> str | None:
+        """Return whose open run of `journey` follows this customer: their own, else one merged into them."""
         return await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM journey_runs WHERE journey = $1 AND customer_id = $2 AND status = 'active')",
+            """
+            SELECT customer_id FROM journey_runs
+            WHERE journey = $1 AND status = 'active'
+              AND (customer_id = $2 OR customer_id IN (SELECT id FROM customers WHERE merged_into = $2))
+            ORDER BY customer_id = $2 DESC, entered_at DESC
+            LIMIT 1
+            """,
             journey,
             customer_id,
         )

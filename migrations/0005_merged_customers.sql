@@ -1,0 +1,3 @@
+-- Find the customers merged into one, so the relay can route a person's events to journeys that
+-- began before the merge.
+CREATE INDEX customers_merged_into_idx ON customers (merged_into) WHERE merged_into IS NOT NULL;
