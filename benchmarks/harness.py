@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import httpx
 from activities.db import migrate
 from bisik.logs import get_logger
 from workers.relay import RELAY_LOCK_KEY
-from workers.stack import EmbeddedPostgres, MailSink, TemporalDevServer, free_port
+from workers.stack import EmbeddedPostgres, MailSink, TemporalDevServer, free_port, terminate
 
 log = get_logger("benchmarks.harness")
 
@@ -90,13 +89,8 @@ class ChildService:
     async def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.returncode is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
+        if await terminate(self.process, timeout):
             log.warning("benchmark.process_killed", process=self.command, after_seconds=timeout)
-            self.process.kill()
-            await self.process.wait()
 
 
 def service_environment(

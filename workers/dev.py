@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from workers.stack import (
     PortInUseError,
     TemporalDevServer,
     ensure_port_free,
+    terminate,
 )
 
 log = get_logger(__name__)
@@ -50,13 +50,8 @@ class ChildProcess:
     async def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.returncode is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
+        if await terminate(self.process, timeout):
             log.warning("dev.process_killed", process=self.name, after_seconds=timeout)
-            self.process.kill()
-            await self.process.wait()
         log.info("dev.process_stopped", process=self.name)
 
     def may_restart(self) -> bool:

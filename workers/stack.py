@@ -36,6 +36,23 @@ from bisik.logs import get_logger
 log = get_logger(__name__)
 
 
+async def terminate(process: asyncio.subprocess.Process, timeout: float) -> bool:
+    """Stop `process` with SIGTERM, and SIGKILL it if it has not exited after `timeout` seconds.
+
+    Return True when it had to be killed.
+    """
+    if process.returncode is not None:
+        return False
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return True
+    return False
+
+
 class PortInUseError(RuntimeError):
     """A port the stack needs is taken by another process."""
 
@@ -230,12 +247,7 @@ class TemporalDevServer:
         if process is None or process.returncode is not None:
             return
         self._stopping = True
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await terminate(process, timeout)
         if self._output_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._output_task
