@@ -14,6 +14,8 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.processors import ExceptionRenderer
+from structlog.tracebacks import ExceptionDictTransformer
 
 EMAIL_PATTERN = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 SECRET_FIELD_PATTERN = re.compile(r"(password|secret|token|authorization|write_key|api_key)", re.IGNORECASE)
@@ -70,7 +72,8 @@ def configure_logging(
     renderer: structlog.types.Processor
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
-        shared_processors.append(structlog.processors.dict_tracebacks)
+        # Without local variables: a frame holding the settings would print the database password.
+        shared_processors.append(ExceptionRenderer(ExceptionDictTransformer(show_locals=False)))
     else:
         # Plain tracebacks: rich ones with local variables take long enough to draw that a burst of
         # retried activities starved the event loop they are logged from.

@@ -66,3 +66,15 @@ def test_exception_rendered_as_structured_traceback(json_logs: io.StringIO) -> N
 
     [line] = logged_lines(json_logs)
     assert line["exception"][0]["exc_type"] == "ValueError"
+
+
+def test_traceback_leaves_out_local_variables(json_logs: io.StringIO) -> None:
+    database_url = "postgresql://bisik:S3cretPW@127.0.0.1:59999/bisik"
+    try:
+        raise ConnectionRefusedError(f"connect to port {database_url.rsplit(':', 1)[1]} refused")
+    except ConnectionRefusedError:
+        get_logger("tests").exception("worker.start_failed")
+
+    [line] = logged_lines(json_logs)
+    assert line["exception"][0]["exc_type"] == "ConnectionRefusedError"
+    assert "S3cretPW" not in json_logs.getvalue()
