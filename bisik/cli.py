@@ -41,12 +41,15 @@ def load_settings() -> Settings:
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
-    """Run `main(stop)` on a new event loop; SIGINT and SIGTERM set `stop` for a clean shutdown."""
+    """Run `main(stop)` on a new event loop until a signal sets `stop`.
+
+    SIGINT, SIGTERM and SIGHUP (the terminal closed) all ask for a clean shutdown.
+    """
 
     async def runner() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
+        for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signal_number, stop.set)
         try:
             result = await main(stop)

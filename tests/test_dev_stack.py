@@ -170,3 +170,63 @@ async def test_dev_names_port_in_use_and_its_setting(tmp_path: Path) -> None:
     assert error["setting"] == "BISIK_API_PORT"
     assert f"port {ports['api']} on 127.0.0.1 is already in use" in error["error"]
     assert not (tmp_path / ".bisik" / "postgres").exists()
+
+
+def bisik_children(dev: DevProcess) -> list[psutil.Process]:
+    assert dev.process is not None
+    children = psutil.Process(dev.process.pid).children(recursive=True)
+    return [child for child in children if "bisik.cli" in " ".join(child.cmdline())]
+
+
+@pytest.mark.timeout(300)
+async def test_killed_dev_leaves_nothing_behind(tmp_path: Path) -> None:
+    ports = stack_ports()
+    dev = DevProcess(tmp_path, ports)
+    api_url = f"http://127.0.0.1:{ports['api']}"
+    try:
+        await dev.start()
+        await wait_until_healthy(api_url, dev)
+        api_and_worker = bisik_children(dev)
+        assert len(api_and_worker) == 2
+
+        # Killed, so it cannot stop anything itself.
+        assert dev.process is not None
+        dev.process.kill()
+        await dev.process.wait()
+
+        async def children_gone() -> None:
+            assert [child for child in api_and_worker if child.is_running() and child.status() != psutil.STATUS_ZOMBIE] == []
+
+        await assert_eventually(children_gone, timeout=30)
+
+        # PostgreSQL outlives the kill; the next start uses it, and a clean stop stops it.
+        await dev.start()
+        await wait_until_healthy(api_url, dev)
+        assert await dev.interrupt() == 0
+        assert processes_using(tmp_path) == []
+    finally:
+        dev.kill()
+        for leftover in processes_using(tmp_path):
+            leftover.kill()
+
+
+@pytest.mark.timeout(300)
+async def test_second_dev_on_same_home_refused(tmp_path: Path) -> None:
+    first = DevProcess(tmp_path, stack_ports())
+    second = DevProcess(tmp_path, stack_ports())
+    try:
+        await first.start()
+        await wait_until_healthy(f"http://127.0.0.1:{first.ports['api']}", first)
+
+        await second.start()
+        assert second.process is not None
+        code = await asyncio.wait_for(second.process.wait(), 60)
+
+        assert code == 1
+        [error] = [event for event in second.log_events() if event["event"] == "dev.home_in_use"]
+        assert error["hint"] == "stop it, or set BISIK_HOME to another folder"
+        assert first.process is not None and first.process.returncode is None
+        assert await first.interrupt() == 0
+    finally:
+        first.kill()
+        second.kill()

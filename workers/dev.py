@@ -8,6 +8,7 @@ they run in production, and are restarted if they exit on their own.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sys
 import time
@@ -23,11 +24,15 @@ from workers.stack import (
     TemporalDevServer,
     ensure_port_free,
     terminate,
+    terminate_with_parent,
 )
 
 log = get_logger(__name__)
 
 RESTART_LIMIT = 5
+# Held while a stack runs on a home folder: two stacks on one folder would share PostgreSQL's
+# data and Temporal's SQLite file.
+LOCK_FILE = "dev.lock"
 RESTART_WINDOW_SECONDS = 60.0
 
 
@@ -42,8 +47,9 @@ class ChildProcess:
     restarts: list[float] = field(default_factory=list)
 
     async def start(self) -> None:
+        # Ended with `bisik dev` even when it is killed and cannot stop them itself.
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bisik.cli", *self.arguments, env=self.environment
+            sys.executable, "-m", "bisik.cli", *self.arguments, env=self.environment, preexec_fn=terminate_with_parent
         )
         log.info("dev.process_started", process=self.name, pid=self.process.pid)
 
@@ -88,6 +94,22 @@ class DevStack:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Start everything, supervise until `stop` is set, then stop everything; return an exit code."""
+        home = self.settings.home.resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        with (home / LOCK_FILE).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.error(
+                    "dev.home_in_use",
+                    home=str(home),
+                    error=f"another bisik dev is running on {home}",
+                    hint="stop it, or set BISIK_HOME to another folder",
+                )
+                return 1
+            return await self._run_locked(stop)
+
+    async def _run_locked(self, stop: asyncio.Event) -> int:
         try:
             self.check_ports()
         except PortInUseError as error:

