@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     StrictStr,
+    StringConstraints,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -35,7 +37,19 @@ def _assume_utc(value: datetime | None) -> datetime | None:
     return value
 
 
-Identifier = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+def _whole_number_as_text(value: Any) -> Any:
+    """Read a whole-number id as its decimal text: Segment's libraries accept numeric ids and send
+    them as strings, so `42` and `"42"` name the same user."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Identifier = Annotated[
+    str,
+    StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LENGTH),
+    BeforeValidator(_whole_number_as_text),
+]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 Timestamp = Annotated[datetime, AfterValidator(_assume_utc)]
 

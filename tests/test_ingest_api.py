@@ -186,7 +186,8 @@ async def test_missing_ids_rejected(api: httpx.AsyncClient, pool: asyncpg.Pool) 
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
-        ({"userId": 42, "event": "A"}, "userId", "Input should be a valid string"),
+        ({"userId": 4.2, "event": "A"}, "userId", "Input should be a valid string"),
+        ({"userId": True, "event": "A"}, "userId", "Input should be a valid string"),
         ({"userId": "u1", "event": ["A"]}, "event", "Input should be a valid string"),
         ({"userId": "u1"}, "event", "Field required"),
         ({"userId": "u1", "event": "A", "properties": [1, 2]}, "properties", "Input should be a valid dictionary"),
@@ -205,6 +206,15 @@ async def test_wrong_types_rejected(
     assert detail[0]["msg"].startswith(message)
     assert response.json()["message"].startswith(f"{field}: {message}")
     await assert_nothing_stored(pool)
+
+
+async def test_numeric_user_id_read_as_text(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    await api.post("/v1/track", json={"userId": 42, "event": "A"})
+    await api.post("/v1/track", json={"userId": "42", "event": "B"})
+
+    owners = await pool.fetch("SELECT DISTINCT customer_id FROM events")
+    assert len(owners) == 1
+    assert await pool.fetchval("SELECT value FROM identities WHERE kind = 'user_id'") == "42"
 
 
 async def test_batch_with_one_bad_call_stores_nothing(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
