@@ -38,8 +38,10 @@ def _assume_utc(value: datetime | None) -> datetime | None:
 
 
 def _whole_number_as_text(value: Any) -> Any:
-    """Read a whole-number id as its decimal text: Segment's libraries accept numeric ids and send
-    them as strings, so `42` and `"42"` name the same user."""
+    """Read a whole-number id as its decimal text, so `42` and `"42"` name the same user.
+
+    Segment's libraries accept numeric ids and send them as strings.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
