@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from bisik.logs import get_logger
 
 log = get_logger(__name__)
+
+# What asyncpg raises when a server is down, refuses the login or does not know the database.
+CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # Key of the session-level advisory lock that serialises `bisik migrate` runs across processes.
 MIGRATION_LOCK_KEY = 0x6269_7369_6B01
@@ -23,10 +27,37 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
+class DatabaseUnavailable(Exception):
+    """PostgreSQL at BISIK_DATABASE_URL could not be reached or refused the connection."""
+
+
+def _unavailable(database_url: str, error: BaseException) -> DatabaseUnavailable:
+    """Describe the failure by host and port, since the URL may carry a password."""
+    parts = urlsplit(database_url)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where} (BISIK_DATABASE_URL): {error}")
+
+
+async def connect(database_url: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(database_url)
+    except CONNECT_ERRORS as error:
+        raise _unavailable(database_url, error) from error
+
+
+async def check_database(database_url: str) -> None:
+    """Connect once and disconnect; raise DatabaseUnavailable when that fails."""
+    connection = await connect(database_url)
+    await connection.close()
+
+
 async def create_pool(database_url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        database_url, min_size=min_size, max_size=max_size, init=_init_connection
-    )
+    try:
+        pool = await asyncpg.create_pool(
+            database_url, min_size=min_size, max_size=max_size, init=_init_connection
+        )
+    except CONNECT_ERRORS as error:
+        raise _unavailable(database_url, error) from error
     if pool is None:
         raise RuntimeError("asyncpg.create_pool returned no pool")
     return pool
@@ -41,7 +72,7 @@ def migration_files() -> list[tuple[str, str]]:
 
 async def migrate(database_url: str) -> list[str]:
     """Apply the migrations not applied yet, each in its own transaction; return their names."""
-    connection = await asyncpg.connect(database_url)
+    connection = await connect(database_url)
     try:
         await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
         await connection.execute(

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from activities.db import DatabaseUnavailable, check_database
 from bisik.logs import configure_logging, get_logger
 from bisik.settings import Settings
 
@@ -53,12 +54,25 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[int | None]]) 
             loop.add_signal_handler(signal_number, stop.set)
         try:
             result = await main(stop)
+        except DatabaseUnavailable as error:
+            log.error("process.database_unavailable", error=str(error))
+            return 1
         except Exception:
             log.exception("process.crashed")
             return 1
         return result or 0
 
     return asyncio.run(runner())
+
+
+def database_url_or_exit(settings: Settings) -> str:
+    if settings.database_url is None:
+        typer.echo(
+            "BISIK_DATABASE_URL is not set; run `bisik dev` for the embedded stack or point it at PostgreSQL",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return settings.database_url
 
 
 @app.command()
@@ -81,6 +95,13 @@ def api() -> None:
     from api.app import create_app
 
     settings = load_settings()
+    database_url = database_url_or_exit(settings)
+    # Checked first: uvicorn would print a whole traceback for a database that is down.
+    try:
+        asyncio.run(check_database(database_url))
+    except DatabaseUnavailable as error:
+        log.error("process.database_unavailable", error=str(error))
+        raise typer.Exit(1) from None
     application = create_app(settings)
     uvicorn.run(
         application,
@@ -97,6 +118,7 @@ def worker() -> None:
     from workers.worker import run_worker
 
     settings = load_settings()
+    database_url_or_exit(settings)
 
     async def main(stop: asyncio.Event) -> None:
         await run_worker(settings, stop)
@@ -116,10 +138,7 @@ def migrate(
     from bisik import temporal as temporal_client
 
     settings = load_settings()
-    if settings.database_url is None:
-        typer.echo("BISIK_DATABASE_URL is not set; point it at the PostgreSQL to migrate", err=True)
-        raise typer.Exit(2)
-    database_url = settings.database_url
+    database_url = database_url_or_exit(settings)
 
     async def main() -> None:
         applied = await apply_migrations(database_url)
@@ -128,7 +147,11 @@ def migrate(
             client = await temporal_client.connect(settings)
             await temporal_client.register_search_attributes(client, settings.temporal_namespace)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except DatabaseUnavailable as error:
+        log.error("process.database_unavailable", error=str(error))
+        raise typer.Exit(1) from None
 
 
 catalog_app = typer.Typer(help="Manage the product catalog that journeys recommend from.", no_args_is_help=True)

@@ -1,0 +1,44 @@
+"""`bisik api`, `worker` and `migrate` against a PostgreSQL that does not answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workers.stack import free_port
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "migrate"])
+def test_unreachable_database_one_line(command: str) -> None:
+    port = free_port()
+    environment = {
+        **os.environ,
+        "BISIK_DATABASE_URL": f"postgresql://bisik:S3cretPW@127.0.0.1:{port}/bisik",
+        "BISIK_API_PORT": str(free_port()),
+        "BISIK_LOG_FORMAT": "json",
+    }
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bisik.cli", command], env=environment, capture_output=True, text=True, timeout=60
+    )
+
+    assert finished.returncode == 1
+    [line] = [json.loads(line) for line in finished.stderr.splitlines() if line.startswith("{")]
+    assert line["event"] == "process.database_unavailable"
+    assert line["error"].startswith(f"cannot connect to PostgreSQL at 127.0.0.1:{port} (BISIK_DATABASE_URL)")
+    assert "S3cretPW" not in finished.stderr
+
+
+def test_missing_database_url_named() -> None:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BISIK_")}
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bisik.cli", "worker"], env=environment, capture_output=True, text=True, timeout=60
+    )
+
+    assert finished.returncode == 2
+    assert "BISIK_DATABASE_URL is not set" in finished.stderr
