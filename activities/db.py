@@ -12,7 +12,7 @@ from bisik.logs import get_logger
 
 log = get_logger(__name__)
 
-# What asyncpg raises when a server is down, refuses the login or does not know the database.
+# The errors asyncpg raises when a server is down, refuses the login or lacks the database.
 CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # Key of the session-level advisory lock that serialises `bisik migrate` runs across processes.

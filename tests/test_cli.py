@@ -1,4 +1,4 @@
-"""`bisik api`, `worker` and `migrate` against a PostgreSQL that does not answer."""
+"""`bisik api`, `worker` and `migrate` started against a PostgreSQL that is not running."""
 
 from __future__ import annotations
 
