@@ -86,3 +86,4 @@ async def test_demo_counts_match_the_csv(tmp_path: Path) -> None:
     assert report["failures"] == {"messages_failed_or_unknown": 0, "events_waiting_in_outbox": 0, "events_retried_in_outbox": 0}
     sent_locales = {row["locale"] for row in report["messages"] if row["status"] == "sent"}
     assert sent_locales == {"en", "id"}
+    assert all(row["reason"] for row in report["messages"] if row["status"] == "skipped")

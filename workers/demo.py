@@ -80,8 +80,9 @@ async def build_report(
         )
         messages = await connection.fetch(
             """
-            SELECT template, COALESCE(locale, '-') AS locale, status, count(*) AS count
-            FROM messages GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            SELECT template, COALESCE(locale, '-') AS locale, status,
+                   COALESCE(split_part(reason, ':', 1), '') AS reason, count(*) AS count
+            FROM messages GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
             """
         )
         failed_messages = await connection.fetchval(
@@ -154,9 +155,9 @@ def print_report(report: DemoReport, console: Console) -> None:
         )
     console.print(journeys)
 
-    messages = Table("template", "locale", "status", "count", title="Messages")
+    messages = Table("template", "locale", "status", "reason", "count", title="Messages")
     for row in report.messages:
-        messages.add_row(row["template"], row["locale"], row["status"], str(row["count"]))
+        messages.add_row(row["template"], row["locale"], row["status"], row["reason"], str(row["count"]))
     console.print(messages)
 
     failures = Table("failure", "count", title="Failures")
