@@ -71,6 +71,29 @@ LIMIT $1
 """
 
 
+# For one journey and customer, in one round trip: whether an entry has ended, and whose open run
+# follows the customer, their own first, else the latest of a customer merged into them.
+RUNS_QUERY = """
+SELECT
+    EXISTS (
+        SELECT 1 FROM journey_runs WHERE journey = $1 AND customer_id = $2 AND status <> 'active'
+    ) AS finished,
+    (
+        SELECT customer_id FROM (
+            SELECT customer_id, 0 AS rank, entered_at FROM journey_runs
+            WHERE journey = $1 AND customer_id = $2 AND status = 'active'
+            UNION ALL
+            SELECT r.customer_id, 1 AS rank, r.entered_at
+            FROM customers c
+            JOIN journey_runs r ON r.customer_id = c.id AND r.journey = $1 AND r.status = 'active'
+            WHERE c.merged_into = $2
+        ) open_runs
+        ORDER BY rank, entered_at DESC
+        LIMIT 1
+    ) AS active_for
+"""
+
+
 def journey_workflow_id(journey: str, customer_id: str) -> str:
     return f"{journey}:{customer_id}"
 
@@ -250,11 +273,12 @@ class OutboxRelay:
         journey = route.journey.name
         workflow_id = journey_workflow_id(journey, event.customer_id)
         try:
-            if route.starts and route.journey.reentry.kind == "never" and await self._has_finished_run(journey, event.customer_id):
+            runs = await self.pool.fetchrow(RUNS_QUERY, journey, event.customer_id)
+            if route.starts and route.journey.reentry.kind == "never" and runs["finished"]:
                 # Such an entry would end at once; a site that sends `subscribed: true` with every
                 # identify would otherwise start a workflow per call.
                 return
-            active_for = await self._customer_with_active_run(journey, event.customer_id)
+            active_for = runs["active_for"]
             if active_for is not None and active_for != event.customer_id:
                 if await self._signal_merged_run(journey, active_for, event):
                     return
@@ -315,27 +339,6 @@ class OutboxRelay:
             journey,
             customer_id,
             workflow_id,
-        )
-
-    async def _has_finished_run(self, journey: str, customer_id: str) -> bool:
-        return await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM journey_runs WHERE journey = $1 AND customer_id = $2 AND status <> 'active')",
-            journey,
-            customer_id,
-        )
-
-    async def _customer_with_active_run(self, journey: str, customer_id: str) -> str | None:
-        """Return whose open run of `journey` follows this customer: their own, else one merged into them."""
-        return await self.pool.fetchval(
-            """
-            SELECT customer_id FROM journey_runs
-            WHERE journey = $1 AND status = 'active'
-              AND (customer_id = $2 OR customer_id IN (SELECT id FROM customers WHERE merged_into = $2))
-            ORDER BY customer_id = $2 DESC, entered_at DESC
-            LIMIT 1
-            """,
-            journey,
-            customer_id,
         )
 
     async def _close_stale_run(self, journey: str, customer_id: str) -> None:
