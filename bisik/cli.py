@@ -77,7 +77,13 @@ def database_url_or_exit(settings: Settings) -> str:
 
 @app.command()
 def dev() -> None:
-    """Start the local stack: PostgreSQL, Temporal with its Web UI, an SMTP sink, the API and a worker."""
+    """Start the local stack: PostgreSQL, Temporal with its Web UI, an SMTP sink, the API and a worker.
+
+    Data lives in BISIK_HOME (.bisik/). Ctrl-C stops everything.
+
+    Ports: API 8000 (BISIK_API_PORT), Temporal 7233 (BISIK_TEMPORAL_ADDRESS),
+    Web UI 8233 (BISIK_TEMPORAL_UI_PORT), SMTP 1025 (BISIK_SMTP_PORT).
+    """
     from workers.dev import DevStack
 
     settings = load_settings()
