@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from temporalio import activity
 
+from bisik.commerce import order_from, product_from
 from bisik.logs import get_logger
-from bisik.models import CatalogProduct, SimilarProductsRequest
+from bisik.models import CartedOrBought, CartedOrBoughtRequest, CatalogProduct, SimilarProductsRequest
 
 log = get_logger(__name__)
 
@@ -197,6 +199,34 @@ def _product(row: asyncpg.Record) -> CatalogProduct:
     )
 
 
+async def carted_or_bought_since(pool: asyncpg.Pool, customer_id: str, since: datetime) -> CartedOrBought:
+    """Read the customer's `Product Added` and `Order Completed` events stored since `since`.
+
+    Parses them the way the journeys parse delivered events, so an event stored but not yet
+    delivered to a journey counts the same as one that was.
+    """
+    rows = await pool.fetch(
+        """
+        SELECT name, message_id, properties FROM events
+        WHERE customer_id = (SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1)
+          AND type = 'track' AND name IN ('Product Added', 'Order Completed') AND timestamp >= $2
+        ORDER BY timestamp, id
+        """,
+        customer_id,
+        since,
+    )
+    found = CartedOrBought()
+    for row in rows:
+        if row["name"] == "Product Added":
+            product = product_from(row["properties"])
+            product_ids = [] if product is None else [product.product_id]
+        else:
+            product_ids = [item.product_id for item in order_from(row["properties"], row["message_id"]).items]
+            found.order_without_products = found.order_without_products or not product_ids
+        found.product_ids.extend(product_id for product_id in product_ids if product_id not in found.product_ids)
+    return found
+
+
 class CatalogActivities:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -231,6 +261,10 @@ class CatalogActivities:
             request.limit,
         )
         return [_product(row) for row in rows]
+
+    @activity.defn(name="find_carted_or_bought")
+    async def find_carted_or_bought(self, request: CartedOrBoughtRequest) -> CartedOrBought:
+        return await carted_or_bought_since(self.pool, request.customer_id, request.since)
 
     @activity.defn(name="load_products")
     async def load_products(self, product_ids: list[str]) -> list[CatalogProduct]:

@@ -30,6 +30,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import webhooks
+from activities.catalog import carted_or_bought_since
 from activities.channels import (
     Delivery,
     RetryAfterError,
@@ -57,10 +58,9 @@ from activities.templates import RenderError, TemplateNotFound, TemplateRenderer
 from activities.tracking import add_tracking, preference_url
 from bisik.links import LinkSigner
 from bisik.logs import get_logger
-from bisik.models import PRODUCT_CARTED_OR_BOUGHT, Profile, SendRequest, SendResult
+from bisik.models import PRODUCTS_CARTED_OR_BOUGHT, Profile, SendRequest, SendResult
 from bisik.phones import InvalidPhoneNumber, normalize_phone, parse_phone
 from bisik.settings import Settings
-from workflows.commerce import order_from, product_from
 
 log = get_logger(__name__)
 
@@ -184,9 +184,10 @@ class MessagingActivities:
         skip = await self._stored_since(request.skip_if_events, request.goal_since, profile.customer_id)
         if skip is not None:
             return await self._finish(row["id"], "skipped", f"{skip} stored since the journey began")
-        carted_or_bought = await self._listed_product_carted_or_bought(request.skip_if_products, request.goal_since, profile.customer_id)
-        if carted_or_bought is not None:
-            return await self._finish(row["id"], "skipped", f"{PRODUCT_CARTED_OR_BOUGHT}: {carted_or_bought}")
+        if request.skip_if_products and request.goal_since is not None:
+            found = await carted_or_bought_since(self.pool, profile.customer_id, request.goal_since)
+            if found.covers(request.skip_if_products):
+                return await self._finish(row["id"], "skipped", PRODUCTS_CARTED_OR_BOUGHT)
 
         if not request.transactional:
             decision = await self.policy.decide(row["id"], request, profile)
@@ -436,37 +437,6 @@ class MessagingActivities:
             names,
             since,
         )
-
-    async def _listed_product_carted_or_bought(self, product_ids: list[str], since: datetime | None, customer_id: str) -> str | None:
-        """Return the name of the first cart add or order since `since` that names one of `product_ids`.
-
-        Parses the events the way the journeys do, so a product the journey would have dropped on
-        delivery also skips the message when the event is stored but not yet delivered.
-        """
-        if not product_ids or since is None:
-            return None
-        rows = await self.pool.fetch(
-            """
-            SELECT name, message_id, properties FROM events
-            WHERE customer_id = $1 AND type = 'track' AND name = ANY($2::text[]) AND timestamp >= $3
-            ORDER BY timestamp
-            """,
-            customer_id,
-            ["Product Added", "Order Completed"],
-            since,
-        )
-        wanted = set(product_ids)
-        for row in rows:
-            properties = row["properties"]
-            if row["name"] == "Product Added":
-                product = product_from(properties)
-                if product is not None and product.product_id in wanted:
-                    return "Product Added"
-            else:
-                items = order_from(properties, row["message_id"]).items
-                if not items or any(item.product_id in wanted for item in items):
-                    return "Order Completed"
-        return None
 
     @staticmethod
     def _headers(request: SendRequest, unsubscribe_url: str | None) -> dict[str, str]:

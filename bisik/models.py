@@ -205,8 +205,8 @@ class Profile(BaseModel):
     traits: dict[str, Any] = Field(default_factory=dict)
 
 
-# The reason prefix of a message skipped because a product it lists was carted or bought.
-PRODUCT_CARTED_OR_BOUGHT = "listed product carted or bought"
+# The reason of a message skipped because every product it lists was carted or bought.
+PRODUCTS_CARTED_OR_BOUGHT = "listed products carted or bought"
 
 
 class SendRequest(BaseModel):
@@ -241,8 +241,8 @@ class SendRequest(BaseModel):
     skip_if_products: list[str] = Field(
         default_factory=list,
         description=(
-            "Product ids that skip this message if a `Product Added` or `Order Completed` stored at or after"
-            " `goal_since` names one of them; an order that names no product counts as naming them all."
+            "Product ids that skip this message once `Product Added` or `Order Completed` events stored at"
+            " or after `goal_since` name all of them; an order that names no product counts as naming them all."
         ),
     )
 
@@ -268,6 +268,24 @@ class CatalogProduct(BaseModel):
     image_url: str | None = None
     url: str | None = None
     stock: int | None = None
+
+
+class CartedOrBoughtRequest(BaseModel):
+    customer_id: str
+    since: datetime
+
+
+class CartedOrBought(BaseModel):
+    """The products a customer added to the cart or ordered since some moment."""
+
+    product_ids: list[str] = Field(default_factory=list)
+    order_without_products: bool = Field(
+        False, description="An order named no readable product, so it may have included any of them."
+    )
+
+    def covers(self, product_ids: list[str]) -> bool:
+        """True when every one of `product_ids` was carted or bought, as far as the events tell."""
+        return self.order_without_products or set(product_ids) <= set(self.product_ids)
 
 
 class SimilarProductsRequest(BaseModel):

@@ -341,7 +341,7 @@ async def test_cart_add_from_before_entry_ignored(journeys: JourneyHarness) -> N
     assert [row["status"] for row in await journeys.messages(customer)] == ["sent"]
 
 
-async def test_undelivered_cart_add_skips_email(journeys: JourneyHarness) -> None:
+async def test_undelivered_cart_add_exits(journeys: JourneyHarness) -> None:
     customer = await journeys.customer("browse-25")
     start = await journeys.now()
     handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-25", SHOES, start))
@@ -353,13 +353,11 @@ async def test_undelivered_cart_add_skips_email(journeys: JourneyHarness) -> Non
 
     assert result.outcome == "exited"
     assert result.reason == "viewed products carted or bought"
-    [row] = await journeys.messages(customer)
-    assert row["status"] == "skipped"
-    assert row["reason"] == "listed product carted or bought: Product Added"
+    assert await journeys.messages(customer) == []
     assert journeys.mail_to("browse-25@example.com") == []
 
 
-async def test_undelivered_order_skips_email(journeys: JourneyHarness) -> None:
+async def test_undelivered_order_exits(journeys: JourneyHarness) -> None:
     customer = await journeys.customer("browse-26")
     start = await journeys.now()
     handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-26", SHOES, start))
@@ -369,7 +367,36 @@ async def test_undelivered_order_skips_email(journeys: JourneyHarness) -> None:
     result = await handle.result()
 
     assert result.reason == "viewed products carted or bought"
-    assert [row["status"] for row in await journeys.messages(customer)] == ["skipped"]
+    assert await journeys.messages(customer) == []
+
+
+async def test_undelivered_cart_add_leaves_product_out(journeys: JourneyHarness) -> None:
+    await journeys.customer("browse-29")
+    start = await journeys.now()
+    handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-29", SHOES, start))
+    await handle.signal("event", await view_twice(journeys, "browse-29", TOTE, start + timedelta(minutes=30)))
+
+    await journeys.env.sleep(timedelta(hours=23))
+    await journeys.event("browse-29", "Product Added", start + timedelta(hours=23), **TOTE)
+    result = await handle.result()
+
+    assert result.outcome == "completed"
+    text = text_of(journeys.mail_to("browse-29@example.com")[0])
+    assert listed(text, "Running Shoes") == 1
+    assert listed(text, "Canvas Tote") == 0
+
+
+async def test_undelivered_unlisted_order_exits(journeys: JourneyHarness) -> None:
+    customer = await journeys.customer("browse-30")
+    start = await journeys.now()
+    handle = await journeys.deliver(JOURNEY, await view_twice(journeys, "browse-30", SHOES, start))
+
+    await journeys.env.sleep(timedelta(hours=23))
+    await journeys.event("browse-30", "Order Completed", start + timedelta(hours=23), order_id="o-30", total=450.5)
+    result = await handle.result()
+
+    assert result.reason == "order placed without a readable product list"
+    assert await journeys.messages(customer) == []
 
 
 async def test_undelivered_other_order_keeps_email(journeys: JourneyHarness) -> None:
@@ -469,6 +496,7 @@ async def test_cart_add_while_deferred_skips_email(journeys: JourneyHarness, set
     assert result.reason == "viewed products carted or bought"
     [browse] = [row for row in await journeys.messages(customer) if row["journey"] == JOURNEY]
     assert browse["status"] == "skipped"
+    assert browse["reason"] == "listed products carted or bought"
     assert len(journeys.mail_to("browse-28@example.com")) == 1
 
 

@@ -4,7 +4,8 @@ Temporal replays a journey's history whenever a worker picks it up again, so a c
 journey that customers are already in must make the same decisions for the same history, or
 put the new behaviour behind `workflow.patched(...)`. The histories in `tests/histories/` were
 recorded from real runs on the time-skipping server (`python -m tests.test_replay_histories`
-records them again); the test fails when a code change would break journeys in flight.
+records them again, `--help` says how to add one beside the old ones); the test fails when a
+code change would break journeys in flight.
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ async def test_recorded_history_replays_without_divergence(path: Path) -> None:
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
 
 
-async def _record() -> None:  # pragma: no cover - run by hand to refresh the recordings
-    """Run each journey once on the time-skipping server and save its history."""
+async def _record(only: list[str], suffix: str) -> None:  # pragma: no cover - run by hand
+    """Run each journey (or those in `only`) once on the time-skipping server and save its history.
+
+    With a `suffix` the files are `<journey>-<suffix>.json`, kept beside the older recordings: a
+    journey changed behind `workflow.patched` keeps its old history and gains one of the new path.
+    """
     import asyncpg  # noqa: F401 - the worker's activities need the database
 
     from activities.db import create_pool, migrate
@@ -90,6 +95,8 @@ async def _record() -> None:  # pragma: no cover - run by hand to refresh the re
                 "re_engagement": {"type": "track", "userId": "replay", "event": "Signed Up", "messageId": "replay-signed-up-2"},
             }
             for journey, call in runs.items():
+                if only and journey not in only:
+                    continue
                 if call is None:
                     viewed = {**product, "product_id": "p2", "name": "Coffee"}
                     for _ in range(2):
@@ -99,7 +106,8 @@ async def _record() -> None:  # pragma: no cover - run by hand to refresh the re
                 handle = await signal_with_start(env.client, journey=journey, event=event, task_queue=worker.task_queue, search_attributes=False)
                 await handle.result()
                 history = await handle.fetch_history()
-                (HISTORIES / f"{journey}.json").write_text(
+                name = f"{journey}-{suffix}" if suffix else journey
+                (HISTORIES / f"{name}.json").write_text(
                     json.dumps({"workflow_id": handle.id, "history": json.loads(history.to_json())}, indent=1)
                 )
     finally:
@@ -111,4 +119,10 @@ async def _record() -> None:  # pragma: no cover - run by hand to refresh the re
 
 
 if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(_record())
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Record journey histories for the replay test.")
+    parser.add_argument("journeys", nargs="*", help="journeys to record; all when none is named")
+    parser.add_argument("--suffix", default="", help="save as <journey>-<suffix>.json beside older recordings")
+    arguments = parser.parse_args()
+    asyncio.run(_record(arguments.journeys, arguments.suffix))

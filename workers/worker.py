@@ -46,6 +46,7 @@ def journey_activities(
         messaging.send_message,
         catalog.find_similar_products,
         catalog.load_products,
+        catalog.find_carted_or_bought,
         customers.load_activity,
         customers.mark_sunset,
         customers.resolve_local_time,

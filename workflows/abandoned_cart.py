@@ -16,7 +16,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from bisik.models import JourneyEvent, JourneyInput, JourneyResult, ReentryRule
-    from workflows.commerce import Cart, add_to_cart, remove_from_cart
+    from bisik.commerce import Cart, add_to_cart, remove_from_cart
     from workflows.matching import track
     from workflows.toolkit import Journey, JourneyExit
 

@@ -7,7 +7,9 @@ Trigger: `Product Viewed` that is at least the second view of that product by th
    customer. Products that qualify meanwhile join the email, up to three viewed products in all,
    each listed once.
 Follows `Product Added` and `Order Completed` while it waits: a product added to the cart or
-bought at or after the entry began is dropped, and is not listed again in this entry.
+bought at or after the entry began is dropped, and is not listed again in this entry. Such
+events stored but not yet delivered when the email is due count as delivered. While the contact
+policy defers the email, they cancel it only once every listed product is carted or bought.
 At send time a listed product that is out of stock or has no known price is left out.
 Exits when no listed product is left (carted, bought, out of stock), or on an order that does not
 list its products, since the customer may have bought the viewed product.
@@ -26,8 +28,17 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from bisik.models import PRODUCT_CARTED_OR_BOUGHT, CatalogProduct, JourneyEvent, JourneyInput, JourneyResult, ReentryRule
-    from workflows.commerce import order_from, product_from
+    from bisik.commerce import order_from, product_from
+    from bisik.models import (
+        PRODUCTS_CARTED_OR_BOUGHT,
+        CartedOrBought,
+        CartedOrBoughtRequest,
+        CatalogProduct,
+        JourneyEvent,
+        JourneyInput,
+        JourneyResult,
+        ReentryRule,
+    )
     from workflows.matching import EventView, track
     from workflows.toolkit import PROFILE_TIMEOUT, Journey, JourneyExit
 
@@ -86,6 +97,11 @@ class BrowseAbandonment(Journey[BrowseState]):
             self._note_view(self.trigger)
 
         await self._follow_products(until=self.state.email_due_at)
+        # Journeys that began before this change take the old path. They all end within 48 hours
+        # of their qualifying view, so after that `workflow.deprecate_patch` can replace this check.
+        catch_up = workflow.patched(SKIP_CARTED_OR_BOUGHT)
+        if catch_up:
+            await self._drop_stored_carted_or_bought()
 
         products = await self._products_to_show()
         currency = _currency_of(products)
@@ -96,19 +112,19 @@ class BrowseAbandonment(Journey[BrowseState]):
             data={"products": _listing(products), "similar": _listing(similar), "currency": currency},
             priority=EMAIL_PRIORITY,
             deadline=self.after(self.entered_at, hours=EMAIL_DEADLINE_HOURS),
-            skip_if_products=[product.product_id for product in products] if workflow.patched(SKIP_CARTED_OR_BOUGHT) else [],
+            skip_if_products=[product.product_id for product in products] if catch_up else None,
         )
         if sent.status == "dropped":
             # The message log keeps the policy's reason on the message row.
             raise JourneyExit("email dropped by the contact policy")
-        if sent.status == "skipped" and (sent.reason or "").startswith(PRODUCT_CARTED_OR_BOUGHT):
+        if sent.status == "skipped" and sent.reason == PRODUCTS_CARTED_OR_BOUGHT:
             raise JourneyExit("viewed products carted or bought")
 
     async def _follow_products(self, *, until: datetime) -> None:
         """List products that qualify and drop those carted or bought, until `until`.
 
-        A cart add or order stored but not yet delivered when the email is due, or stored while
-        the contact policy defers the email, skips it at send time instead (`skip_if_products`).
+        Cart adds and orders stored but not yet delivered when the email is due are read back
+        from the event store before it is written (`_drop_stored_carted_or_bought`).
         """
         while True:
             event = await self.wait_for(QUALIFYING_VIEW, PRODUCT_ADDED, ORDER_COMPLETED, until=until)
@@ -119,8 +135,6 @@ class BrowseAbandonment(Journey[BrowseState]):
             elif event.timestamp >= self.entered_at:
                 # Like a goal, a cart change or order from before this entry belongs to an earlier visit.
                 self._drop_carted_or_bought(event)
-            if not self.state.viewed:
-                raise JourneyExit("viewed products carted or bought")
 
     def _note_view(self, event: JourneyEvent | None) -> None:
         product = None if event is None else _product_viewed(event.properties)
@@ -131,6 +145,26 @@ class BrowseAbandonment(Journey[BrowseState]):
         if len(self.state.viewed) < MAX_VIEWED_PRODUCTS:
             self.state.viewed.append(product)
 
+    async def _drop_stored_carted_or_bought(self) -> None:
+        """Drop the products carted or bought since the entry began, delivered to the journey or not."""
+        found = await workflow.execute_activity(
+            "find_carted_or_bought",
+            CartedOrBoughtRequest(customer_id=self.customer_id, since=self.entered_at),
+            result_type=CartedOrBought,
+            start_to_close_timeout=PROFILE_TIMEOUT,
+        )
+        if found.order_without_products:
+            raise JourneyExit("order placed without a readable product list")
+        self._drop(found.product_ids)
+
+    def _drop(self, product_ids: list[str]) -> None:
+        self.state.carted_or_bought.extend(
+            product_id for product_id in product_ids if product_id not in self.state.carted_or_bought
+        )
+        self.state.viewed = [product for product in self.state.viewed if product.product_id not in product_ids]
+        if not self.state.viewed:
+            raise JourneyExit("viewed products carted or bought")
+
     def _drop_carted_or_bought(self, event: JourneyEvent) -> None:
         if event.name == "Product Added":
             product = product_from(event.properties)
@@ -139,10 +173,7 @@ class BrowseAbandonment(Journey[BrowseState]):
             product_ids = [item.product_id for item in order_from(event.properties, event.message_id).items]
             if not product_ids:
                 raise JourneyExit("order placed without a readable product list")
-        self.state.carted_or_bought.extend(product_ids)
-        self.state.viewed = [
-            product for product in self.state.viewed if product.product_id not in product_ids
-        ]
+        self._drop(product_ids)
 
     async def _products_to_show(self) -> list[CatalogProduct]:
         """Return the listed products with the catalog's current details.

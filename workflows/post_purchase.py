@@ -18,7 +18,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from bisik.models import JourneyEvent, JourneyInput, JourneyResult
-    from workflows.commerce import Order, order_from
+    from bisik.commerce import Order, order_from
     from workflows.matching import track
     from workflows.toolkit import Journey
 
