@@ -32,9 +32,9 @@ class DatabaseUnavailable(Exception):
 
 
 def _unavailable(database_url: str, error: BaseException) -> DatabaseUnavailable:
-    """Describe the failure by host and port, since the URL may carry a password."""
-    parts = urlsplit(database_url)
-    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    """Describe the failure by the hosts in the URL, since the URL may carry a password."""
+    # The part after the credentials, as given: it may list several hosts, or none for a socket.
+    where = urlsplit(database_url).netloc.rpartition("@")[2] or "the default socket"
     return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where} (BISIK_DATABASE_URL): {error}")
 
 

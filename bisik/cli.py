@@ -6,8 +6,8 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -24,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = get_logger("bisik.cli")
+T = TypeVar("T")
 
 
 def load_settings() -> Settings:
@@ -75,6 +76,15 @@ def database_url_or_exit(settings: Settings) -> str:
     return settings.database_url
 
 
+def run_with_database(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion; a database that cannot be reached ends the command in one log line."""
+    try:
+        return asyncio.run(main)
+    except DatabaseUnavailable as error:
+        log.error("process.database_unavailable", error=str(error))
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def dev() -> None:
     """Start the local stack: PostgreSQL, Temporal with its Web UI, an SMTP sink, the API and a worker.
@@ -103,11 +113,7 @@ def api() -> None:
     settings = load_settings()
     database_url = database_url_or_exit(settings)
     # Checked first: uvicorn would print a whole traceback for a database that is down.
-    try:
-        asyncio.run(check_database(database_url))
-    except DatabaseUnavailable as error:
-        log.error("process.database_unavailable", error=str(error))
-        raise typer.Exit(1) from None
+    run_with_database(check_database(database_url))
     application = create_app(settings)
     uvicorn.run(
         application,
@@ -153,11 +159,7 @@ def migrate(
             client = await temporal_client.connect(settings)
             await temporal_client.register_search_attributes(client, settings.temporal_namespace)
 
-    try:
-        asyncio.run(main())
-    except DatabaseUnavailable as error:
-        log.error("process.database_unavailable", error=str(error))
-        raise typer.Exit(1) from None
+    run_with_database(main())
 
 
 catalog_app = typer.Typer(help="Manage the product catalog that journeys recommend from.", no_args_is_help=True)
@@ -182,10 +184,7 @@ def import_catalog(
     from activities.db import create_pool
 
     settings = load_settings()
-    if settings.database_url is None:
-        typer.echo("BISIK_DATABASE_URL is not set; point it at the PostgreSQL that holds the catalog", err=True)
-        raise typer.Exit(2)
-    database_url = settings.database_url
+    database_url = database_url_or_exit(settings)
     if not file.is_file():
         typer.echo(f"cannot import {file}: no such file", err=True)
         raise typer.Exit(2)
@@ -204,7 +203,7 @@ def import_catalog(
         finally:
             await pool.close()
 
-    imported = asyncio.run(main())
+    imported = run_with_database(main())
     typer.echo(f"imported {imported} products from {file}")
 
 

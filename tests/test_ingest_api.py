@@ -209,11 +209,14 @@ async def test_wrong_types_rejected(
 
 
 async def test_numeric_user_id_read_as_text(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
-    await api.post("/v1/track", json={"userId": 42, "event": "A"})
-    await api.post("/v1/track", json={"userId": "42", "event": "B"})
+    numeric = await api.post("/v1/track", json={"userId": 42, "event": "A"})
+    text = await api.post("/v1/track", json={"userId": "42", "event": "B"})
 
+    assert numeric.status_code == 200
+    assert text.status_code == 200
     owners = await pool.fetch("SELECT DISTINCT customer_id FROM events")
     assert len(owners) == 1
+    assert await pool.fetchval("SELECT count(*) FROM events") == 2
     assert await pool.fetchval("SELECT value FROM identities WHERE kind = 'user_id'") == "42"
 
 
