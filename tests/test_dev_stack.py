@@ -53,10 +53,10 @@ class DevProcess:
                 start_new_session=True,
             )  # fmt: skip
 
-    async def interrupt(self, timeout: float = 60.0) -> int:
-        """Send SIGINT to the whole process group, as Ctrl-C in a terminal does; return the exit code."""
+    async def interrupt(self, timeout: float = 60.0, signal_number: int = signal.SIGINT) -> int:
+        """Signal the whole process group as a terminal does (SIGINT for Ctrl-C); return the exit code."""
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGINT)
+        os.killpg(self.process.pid, signal_number)
         return await asyncio.wait_for(self.process.wait(), timeout)
 
     def log_events(self) -> list[dict]:
@@ -230,3 +230,21 @@ async def test_second_dev_on_same_home_refused(tmp_path: Path) -> None:
     finally:
         first.kill()
         second.kill()
+
+
+@pytest.mark.timeout(300)
+async def test_terminal_hang_up_stops_everything(tmp_path: Path) -> None:
+    ports = stack_ports()
+    dev = DevProcess(tmp_path, ports)
+    try:
+        await dev.start()
+        await wait_until_healthy(f"http://127.0.0.1:{ports['api']}", dev)
+
+        assert await dev.interrupt(signal_number=signal.SIGHUP) == 0
+
+        events = [event["event"] for event in dev.log_events()]
+        assert "dev.stopped" in events
+        assert "dev.process_exited" not in events
+        assert processes_using(tmp_path) == []
+    finally:
+        dev.kill()

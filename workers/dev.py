@@ -47,10 +47,12 @@ class ChildProcess:
     restarts: list[float] = field(default_factory=list)
 
     async def start(self) -> None:
-        # Ended with `bisik dev` even when it is killed and cannot stop them itself.
+        # A session of its own, so a terminal's Ctrl-C or hang-up reaches only `bisik dev`, which
+        # stops the children in order; they still end with it when it is killed.
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bisik.cli", *self.arguments, env=self.environment, preexec_fn=terminate_with_parent
-        )
+            sys.executable, "-m", "bisik.cli", *self.arguments,
+            env=self.environment, start_new_session=True, preexec_fn=terminate_with_parent(),
+        )  # fmt: skip
         log.info("dev.process_started", process=self.name, pid=self.process.pid)
 
     async def stop(self, timeout: float = 15.0) -> None:
@@ -160,6 +162,7 @@ class DevStack:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
+                break
             except TimeoutError:
                 pass
             if not self.temporal.running:

