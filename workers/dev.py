@@ -47,8 +47,8 @@ class ChildProcess:
     restarts: list[float] = field(default_factory=list)
 
     async def start(self) -> None:
-        # A session of its own, so a terminal's Ctrl-C or hang-up reaches only `bisik dev`, which
-        # stops the children in order; they still end with it when it is killed.
+        # A session of its own: a terminal's Ctrl-C or hang-up reaches only `bisik dev`, which
+        # stops the children in order. When `bisik dev` is killed, they end with it.
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bisik.cli", *self.arguments,
             env=self.environment, start_new_session=True, preexec_fn=terminate_with_parent(),
