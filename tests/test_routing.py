@@ -248,6 +248,11 @@ async def test_merged_shopper_keeps_one_cart_run(
     runs = await pool.fetch("SELECT customer_id, status FROM journey_runs WHERE journey = 'abandoned_cart'")
     assert [(row["customer_id"], row["status"]) for row in runs] == [(tablet, "active")]
 
+    # An order, which the journey only listens to, reaches the same run and ends it.
+    await api.post("/v1/track", json={"userId": "shopper", "event": "Order Completed", "properties": {"order_id": "o-1", "products": [{"product_id": "p-1"}]}})
+    result = await asyncio.wait_for(handle.result(), 30)
+    assert result["outcome"] == "exited"
+
 
 async def test_merged_run_ended_new_run_starts(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
@@ -269,3 +274,29 @@ async def test_merged_run_ended_new_run_starts(
     assert sorted(state["cart"]["items"]) == ["p-2"]
     closed = await pool.fetchrow("SELECT status, reason FROM journey_runs WHERE customer_id = $1", laptop)
     assert (closed["status"], closed["reason"]) == ("exited", "workflow not found")
+
+
+async def test_stale_own_run_falls_back_to_merged_run(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    await api.post("/v1/identify", json={"userId": "phone-user", "traits": {"email": "phone-user@example.com"}})
+    await api.post("/v1/track", json={"anonymousId": "phone", "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
+    await wait_for_outbox_empty(pool)
+    phone = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = 'phone'")
+    known = await customer_id_of(pool, "phone-user")
+    await api.post("/v1/track", json={"userId": "phone-user", "anonymousId": "phone", "event": "Signed In"})
+    await wait_for_outbox_empty(pool)
+    # The run log still shows a run of the known customer whose workflow is gone.
+    await pool.execute(
+        "INSERT INTO journey_runs (journey, customer_id, workflow_id, status) VALUES ('abandoned_cart', $1, $2, 'active')",
+        known,
+        f"abandoned_cart:{known}",
+    )
+
+    await api.post("/v1/track", json={"userId": "phone-user", "event": "Product Removed", "properties": {"product_id": "p-1"}})
+    await wait_for_outbox_empty(pool)
+
+    result = await asyncio.wait_for(temporal_client.get_workflow_handle(f"abandoned_cart:{phone}").result(), 30)
+    assert result["outcome"] == "exited"
+    stale = await pool.fetchrow("SELECT status, reason FROM journey_runs WHERE customer_id = $1", known)
+    assert (stale["status"], stale["reason"]) == ("exited", "workflow not found")

@@ -301,8 +301,12 @@ class OutboxRelay:
             if error.status in UNAVAILABLE_CODES:
                 raise TemporalUnavailable(str(error)) from error
             if error.status == RPCStatusCode.NOT_FOUND and not route.starts:
-                # The run ended after the log still showed it active; the event has nowhere to go.
+                # The run ended after the log still showed it active. A run of a customer merged
+                # into this one may still want the event; otherwise it has nowhere to go.
                 await self._close_stale_run(journey, event.customer_id)
+                runs = await self.pool.fetchrow(RUNS_QUERY, journey, event.customer_id)
+                if runs["active_for"] is not None:
+                    await self._signal_merged_run(journey, runs["active_for"], event)
                 return
             raise
 
