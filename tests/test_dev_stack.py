@@ -126,8 +126,9 @@ async def test_dev_starts_everything_and_restarts_on_same_data(tmp_path: Path) -
         message["Subject"] = "Hello from the sink test"
         message.set_content("Hi")
         await aiosmtplib.send(message, hostname="127.0.0.1", port=ports["smtp"])
+        # The welcome journey's own email may be there too, depending on the hour in Jakarta.
         index = (tmp_path / ".bisik" / "mail" / "index.jsonl").read_text().splitlines()
-        assert json.loads(index[0])["subject"] == "Hello from the sink test"
+        assert "Hello from the sink test" in [json.loads(line)["subject"] for line in index]
 
         with socket.create_connection(("127.0.0.1", ports["ui"]), timeout=5):
             pass  # the Web UI listens
