@@ -276,7 +276,7 @@ async def test_merged_run_ended_new_run_starts(
     assert (closed["status"], closed["reason"]) == ("exited", "workflow not found")
 
 
-async def test_stale_own_run_falls_back_to_merged_run(
+async def test_stale_run_falls_back_to_merged(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
     await api.post("/v1/identify", json={"userId": "phone-user", "traits": {"email": "phone-user@example.com"}})
