@@ -3,9 +3,9 @@
 Temporal replays a journey's history whenever a worker picks it up again, so a change to a
 journey that customers are already in must make the same decisions for the same history, or
 put the new behaviour behind `workflow.patched(...)`. The histories in `tests/histories/` were
-recorded from real runs on the time-skipping server (`python -m tests.test_replay_histories`
-records them again, and its `--help` shows how to add one beside the old ones); the test fails when a
-code change would break journeys in flight.
+recorded from real runs on the time-skipping server. `python -m tests.test_replay_histories`
+records them again, and its `--help` shows how to add one beside the old ones. The test fails
+when a code change would break journeys in flight.
 """
 
 from __future__ import annotations
