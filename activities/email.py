@@ -9,6 +9,7 @@ message may have been delivered, and the caller must not send it again.
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,12 +53,18 @@ def message_id_for(idempotency_key: str, sender: str) -> str:
     return f"<{digest}@{domain}>"
 
 
+# SMTP line endings, and lines up to RFC 5322's limit of 998 characters: at the default of 78, a
+# long header without spaces, such as a List-Unsubscribe URL, is written as RFC 2047 encoded
+# words, which mail providers do not decode in that header.
+MAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
+
+
 class EmailSender:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def build(self, email: OutgoingEmail) -> EmailMessage:
-        message = EmailMessage()
+        message = EmailMessage(policy=MAIL_POLICY)
         message["From"] = self.settings.mail_from
         message["To"] = email.recipient
         message["Subject"] = email.subject

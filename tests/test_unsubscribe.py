@@ -39,6 +39,7 @@ async def test_unsubscribe_link_in_reminder_stops_next_reminder(
     assert page.status_code == 200
     assert "Kamu sudah berhenti berlangganan" in page.text
     assert first.header("List-Unsubscribe") == f"<{link}>"
+    assert first.raw_header("List-Unsubscribe") == f"<{link}>"
     assert first.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
     assert (await handle.describe()).status.name == "COMPLETED"
     messages = await journeys.messages(customer)

@@ -343,6 +343,7 @@ class ReceivedMail:
     message: EmailMessage
     received_at: datetime
     path: Path | None = None
+    raw: bytes = b""
 
     @property
     def subject(self) -> str:
@@ -351,6 +352,15 @@ class ReceivedMail:
     def header(self, name: str) -> str | None:
         value = self.message.get(name)
         return None if value is None else str(value)
+
+    def raw_header(self, name: str) -> str | None:
+        """Return a header as it was sent, unfolded but not decoded, as a mail provider reads it."""
+        headers = self.raw.split(b"\r\n\r\n", 1)[0].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+        prefix = name.lower().encode() + b":"
+        for line in headers.split(b"\r\n"):
+            if line.lower().startswith(prefix):
+                return line[len(prefix) :].strip().decode("ascii", "replace")
+        return None
 
     def text(self) -> str:
         part = self.message.get_body(preferencelist=("plain",))
@@ -466,6 +476,7 @@ class _SinkHandler:
             recipients=list(envelope.rcpt_tos),
             message=message,  # type: ignore[arg-type]
             received_at=datetime.now(UTC),
+            raw=raw,
         )
         self.sink.keep(mail, raw)
         await self.sink.before_data_reply(mail)
