@@ -53,9 +53,9 @@ def message_id_for(idempotency_key: str, sender: str) -> str:
     return f"<{digest}@{domain}>"
 
 
-# SMTP line endings, and lines up to RFC 5322's limit of 998 characters: at the default of 78, a
-# long header without spaces, such as a List-Unsubscribe URL, is written as RFC 2047 encoded
-# words, which mail providers do not decode in that header.
+# SMTP line endings, and lines up to RFC 5322's limit of 998 characters. At the default of 78, a
+# long header without spaces (a List-Unsubscribe URL) is written as RFC 2047 encoded words, and
+# mail providers do not decode those in that header.
 MAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
 
 
