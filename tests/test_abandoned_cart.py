@@ -184,3 +184,16 @@ async def test_indonesian_locale_gets_indonesian_reminder(journeys: JourneyHarne
     first = journeys.mail_to("cart-10@example.com")[0]
     assert first.subject == "Kak Budi, keranjangmu masih nungguin nih 🛒"
     assert [row["locale"] for row in await journeys.messages(customer)] == ["id", "id"]
+
+
+async def test_cart_without_product_ids_exits(journeys: JourneyHarness) -> None:
+    customer = await journeys.customer("cart-11")
+    start = await journeys.now()
+    added = await journeys.event("cart-11", "Product Added", start, name="Mystery item", price=9.99)
+
+    result = await (await journeys.deliver("abandoned_cart", added)).result()
+
+    assert result.outcome == "exited"
+    assert result.reason == "no product in the cart"
+    assert await journeys.messages(customer) == []
+    assert journeys.mail_to("cart-11@example.com") == []

@@ -3,7 +3,8 @@
 Trigger: `Product Added`. Follows `Product Added` and `Product Removed` to keep the cart.
 1. Four hours after the last cart change, a reminder listing the items with prices and total.
 2. Twenty-four hours after the last cart change, a second reminder with a free-shipping code.
-Exits on `Order Completed` placed after the cart began, or when the cart is emptied.
+Exits on `Order Completed` placed after the cart began, when the cart is emptied, or before the
+first reminder when no cart add named a product (no `product_id` or `sku`).
 Re-entry: not within 24 hours of this journey's last reminder to the customer.
 """
 
@@ -22,6 +23,10 @@ with workflow.unsafe.imports_passed_through():
 
 PRODUCT_ADDED = track("Product Added")
 PRODUCT_REMOVED = track("Product Removed")
+
+# Patch id: exit before the first reminder when no cart add named a product. Journeys that began
+# before it end within a day of their last cart change, so `workflow.deprecate_patch` can follow.
+EXIT_WITHOUT_PRODUCTS = "cart-exit-without-products"
 
 
 class CartState(BaseModel):
@@ -48,6 +53,9 @@ class AbandonedCart(Journey[CartState]):
             self._apply(self.trigger)
 
         await self._follow_cart(quiet_hours=4)
+        if workflow.patched(EXIT_WITHOUT_PRODUCTS) and not self.state.cart.items:
+            # Cart adds without a product id or sku leave nothing to remind of.
+            raise JourneyExit("no product in the cart")
         await self.send("cart_reminder_1", step="reminder_1", data=self._cart_data())
 
         await self._follow_cart(quiet_hours=24)
