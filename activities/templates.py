@@ -27,6 +27,9 @@ from jinja2.sandbox import SandboxedEnvironment
 
 PARTS = ("subject", "text", "html")
 BABEL_LOCALES = {"en": "en_US", "id": "id_ID"}
+# Currencies that ISO 4217 gives two decimals but that shops price in whole units: Indonesian
+# shops write Rp150.000, never Rp150.000,00.
+WHOLE_UNIT_CURRENCIES = {"IDR"}
 
 
 class TemplateNotFound(LookupError):
@@ -75,12 +78,16 @@ def default_template_dir() -> Path:
 
 
 def money(amount: Any, currency: str | None = None, locale: str = "en", *, default_currency: str = "USD") -> str:
-    """Format an amount as the customer's locale writes money: `$1,081.98`, `Rp150.000,00`."""
+    """Format an amount as the customer's locale writes money: `$1,081.98`, `Rp150.000`."""
     try:
         value = Decimal(str(amount))
     except (InvalidOperation, ValueError):
         return str(amount)
-    return format_currency(value, currency or default_currency, locale=BABEL_LOCALES.get(locale, locale))
+    currency = currency or default_currency
+    babel_locale = BABEL_LOCALES.get(locale, locale)
+    if currency in WHOLE_UNIT_CURRENCIES:
+        return format_currency(value, currency, locale=babel_locale, format="¤#,##0", currency_digits=False)
+    return format_currency(value, currency, locale=babel_locale)
 
 
 def number(amount: Any, locale: str = "en") -> str:

@@ -363,9 +363,9 @@ def test_whatsapp_mapping_renders_per_locale() -> None:
 
     assert english.name == "bisik_cart_reminder"
     assert english.language == "en"
-    assert english.parameters == ["Siti", "Kaos Polos and 1 more", "IDR200,000.00", "https://shop.example.com/cart"]
+    assert english.parameters == ["Siti", "Kaos Polos and 1 more", "IDR200,000", "https://shop.example.com/cart"]
     assert indonesian.language == "id"
-    assert indonesian.parameters == ["Kak", "Kaos Polos dan 1 barang lainnya", "Rp200.000,00", "https://shop.example.com/cart"]
+    assert indonesian.parameters == ["Kak", "Kaos Polos dan 1 barang lainnya", "Rp200.000", "https://shop.example.com/cart"]
 
 
 def test_sms_templates_fit_two_segments() -> None:
@@ -707,7 +707,7 @@ async def test_whatsapp_send_recorded_like_email(
     assert request.json["to"] == "6281234567890"
     assert request.json["template"]["language"] == {"code": "id"}
     assert [parameter["text"] for parameter in request.json["template"]["components"][0]["parameters"]] == [
-        "Kak Siti", "Kaos Polos dan 1 barang lainnya", "Rp200.000,00", "https://shop.example.com/cart",
+        "Kak Siti", "Kaos Polos dan 1 barang lainnya", "Rp200.000", "https://shop.example.com/cart",
     ]
 
 
@@ -790,7 +790,7 @@ async def test_sms_send_recorded(
     (request,) = provider.requests
     assert result.status == "sent"
     assert dict(row) == {"status": "sent", "recipient": "+6281234567890", "provider_message_id": "4711", "locale": "en"}
-    assert request.json["text"].startswith("Bisik Demo Store: Hi Budi, you left Kaos Polos +1 more in your cart (IDR200,000.00).")
+    assert request.json["text"].startswith("Bisik Demo Store: Hi Budi, you left Kaos Polos +1 more in your cart (IDR200,000).")
     assert "\nOpt out: http://127.0.0.1:8000/u/" in request.json["text"]
 
 
@@ -885,7 +885,7 @@ async def test_email_unsubscribe_keeps_consented_whatsapp(
     assert request.json["template"]["name"] == "bisik_cart_reminder"
     assert request.json["template"]["language"] == {"code": "id"}
     assert [parameter["text"] for parameter in request.json["template"]["components"][0]["parameters"]] == [
-        "Kak Siti", "Kaos Polos dan 1 barang lainnya", "Rp200.000,00", "https://shop.example.com/cart",
+        "Kak Siti", "Kaos Polos dan 1 barang lainnya", "Rp200.000", "https://shop.example.com/cart",
     ]
 
 

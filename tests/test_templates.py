@@ -132,6 +132,7 @@ def test_sandbox_blocks_unsafe_attribute_access(tmp_path) -> None:  # type: igno
 
 
 def test_money_formats_per_locale() -> None:
-    assert money(150000, "IDR", "id") == "Rp150.000,00"
+    assert money(150000, "IDR", "id") == "Rp150.000"
+    assert money(149999.6, "IDR", "id") == "Rp150.000"
     assert money(1081.98, "USD", "en") == "$1,081.98"
     assert money(5, None, "en") == "$5.00"
