@@ -8,7 +8,7 @@ event, as Segment keeps them.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,6 +27,9 @@ from pydantic_core import PydanticCustomError
 from bisik.models import IncomingEvent, normalize_email
 
 MAX_ID_LENGTH = 512
+# The furthest an event's timestamp may lie after its arrival, for client clocks a little ahead.
+# Beyond it, journeys would wait for a moment that has not come.
+FUTURE_TOLERANCE = timedelta(hours=1)
 MAX_NAME_LENGTH = 512
 
 
@@ -166,13 +169,15 @@ def corrected_timestamp(
 
     The client stamped the event at `timestamp` and the request at `sent_at`, both on its own
     clock; the difference is how long ago the event happened, which we subtract from our
-    `received_at`. Without `sent_at` the client's timestamp is taken as it is.
+    `received_at`. Without `sent_at` the client's timestamp is taken as it is. A result more than
+    `FUTURE_TOLERANCE` after `received_at` cannot have happened yet, so `received_at` replaces it.
     """
     if timestamp is None:
         return received_at
-    if sent_at is None:
-        return timestamp
-    return received_at - (sent_at - timestamp)
+    corrected = timestamp if sent_at is None else received_at - (sent_at - timestamp)
+    if corrected > received_at + FUTURE_TOLERANCE:
+        return received_at
+    return corrected
 
 
 def to_incoming_event(

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often the relay looks for events when no notification arrives."
     )
     relay_max_backoff_seconds: float = Field(60.0, gt=0)
+    start_max_delay_hours: float = Field(
+        72.0,
+        gt=0,
+        description=(
+            "An event that reaches Bisik more than this many hours after it happened (a backfill, an"
+            " import of old history) starts no journey; it still reaches journeys already running."
+        ),
+    )
 
     # HTTP API
     api_host: str = "127.0.0.1"

@@ -115,6 +115,14 @@ async def test_timestamp_without_sent_at_kept(api: httpx.AsyncClient, pool: asyn
     assert row["original_timestamp"] == datetime(2024, 3, 1, 10, tzinfo=UTC)
 
 
+async def test_future_timestamp_replaced_by_arrival(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    await api.post("/v1/track", json={"userId": "u1", "event": "A", "timestamp": "2031-01-01T00:00:00Z"})
+
+    row = await pool.fetchrow("SELECT timestamp, original_timestamp, received_at FROM events")
+    assert row["timestamp"] == row["received_at"]
+    assert row["original_timestamp"] == datetime(2031, 1, 1, tzinfo=UTC)
+
+
 async def test_batch_uses_batch_sent_at_and_context(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
     sent_at = datetime.now(UTC) - timedelta(days=1)
     response = await api.post(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -300,3 +301,16 @@ async def test_stale_run_falls_back_to_merged(
     assert result["outcome"] == "exited"
     stale = await pool.fetchrow("SELECT status, reason FROM journey_runs WHERE customer_id = $1", known)
     assert (stale["status"], stale["reason"]) == ("exited", "workflow not found")
+
+
+async def test_backfilled_event_starts_no_journey(
+    api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
+) -> None:
+    now = datetime.now(UTC)
+    product = {"product_id": "p-1", "price": 10}
+    await api.post("/v1/track", json={"userId": "backfill", "event": "Product Added", "properties": product, "timestamp": (now - timedelta(days=10)).isoformat()})
+    await api.post("/v1/track", json={"userId": "late", "event": "Product Added", "properties": product, "timestamp": (now - timedelta(hours=5)).isoformat()})
+    await wait_for_outbox_empty(pool)
+
+    assert await workflow_runs(temporal_client, f"abandoned_cart:{await customer_id_of(pool, 'backfill')}") == 0
+    assert await workflow_runs(temporal_client, f"abandoned_cart:{await customer_id_of(pool, 'late')}") == 1

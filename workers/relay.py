@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -148,6 +150,7 @@ class OutboxRelay:
         self.client = client
         self.settings = settings
         self.routing = routing
+        self.max_start_delay = timedelta(hours=settings.start_max_delay_hours)
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -272,6 +275,10 @@ class OutboxRelay:
     async def _deliver(self, route: Route, event: JourneyEvent) -> None:
         journey = route.journey.name
         workflow_id = journey_workflow_id(journey, event.customer_id)
+        if route.starts and event.received_at - event.timestamp > self.max_start_delay:
+            # Measured from arrival, not from now, so events held back by a Temporal outage still start.
+            log.debug("relay.late_event_starts_nothing", event_id=event.id, customer_id=event.customer_id, journey=journey)
+            route = replace(route, starts=False)
         try:
             runs = await self.pool.fetchrow(RUNS_QUERY, journey, event.customer_id)
             if route.starts and route.journey.reentry.kind == "never" and runs["finished"]:
