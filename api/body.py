@@ -10,6 +10,10 @@ from fastapi import Request
 
 from api.errors import ApiError
 
+# Deeper bodies are refused: storing one would exhaust the serializers' recursion limits (a 500
+# that Segment's clients retry forever), and no tracking call needs that many levels.
+MAX_DEPTH = 64
+
 
 def too_large(what: str, size: int | str, limit: int) -> ApiError:
     return ApiError(
@@ -50,6 +54,8 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "the request body is not UTF-8 text") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", f"the request body nests deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as error:
         raise ApiError(
             400,
@@ -60,7 +66,28 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise ApiError(
             400, "invalid_request", f"the request body must be a JSON object, got {type(body).__name__}"
         )
+    if _depth(body) > MAX_DEPTH:
+        raise ApiError(400, "invalid_json", f"the request body nests deeper than {MAX_DEPTH} levels")
     return body
+
+
+def _depth(value: Any) -> int:
+    """Return how deeply `value` nests objects and arrays, without recursion."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            items = item.values()
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            return deepest
+        pending.extend((child, depth + 1) for child in items)
+    return deepest
 
 
 def _gunzip(raw: bytes, limit: int) -> bytes:

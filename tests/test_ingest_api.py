@@ -274,6 +274,18 @@ async def test_malformed_json_rejected(
     await assert_nothing_stored(pool)
 
 
+@pytest.mark.parametrize("levels", [100, 5000])
+async def test_deeply_nested_body_rejected(api: httpx.AsyncClient, pool: asyncpg.Pool, levels: int) -> None:
+    nested = "[" * levels + "]" * levels
+    content = ('{"userId": "u1", "event": "A", "properties": {"deep": ' + nested + "}}").encode()
+
+    response = await api.post("/v1/track", content=content, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json()["message"] == "the request body nests deeper than 64 levels"
+    await assert_nothing_stored(pool)
+
+
 async def test_oversize_call_rejected(api: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
     body = {"userId": "u1", "event": "A", "properties": {"blob": "x" * (33 * 1024)}}
 
