@@ -32,7 +32,7 @@ router = APIRouter(tags=["tracking"])
 SCRIPT_PATH = Path(__file__).resolve().parent.parent / "static" / "track.js"
 # Browsers and CDNs may keep the script an hour; the ETag lets them revalidate it cheaply after.
 SCRIPT_CACHE_CONTROL = "public, max-age=3600"
-# The smallest transparent GIF: 1x1 pixel, 43 bytes.
+# A transparent 1x1 GIF of 42 bytes.
 PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 NO_STORE = {"Cache-Control": "no-store, max-age=0", "Referrer-Policy": "no-referrer"}
 
