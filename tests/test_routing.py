@@ -227,18 +227,27 @@ async def test_redelivered_outbox_row_not_delivered_twice(
     assert await workflow_runs(temporal_client, f"welcome:{customer_id}") == 1
 
 
+async def cart_then_login(api: httpx.AsyncClient, pool: asyncpg.Pool, user_id: str, device: str) -> tuple[str, str]:
+    """Fill a cart anonymously on `device`, then log in there as the known `user_id`.
+
+    Return the device's customer, merged away by the login and owning the cart run, and the known one.
+    """
+    await api.post("/v1/identify", json={"userId": user_id, "traits": {"email": f"{user_id}@example.com"}})
+    await api.post("/v1/track", json={"anonymousId": device, "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
+    await wait_for_outbox_empty(pool)
+    device_customer = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = $1", device)
+    known = await customer_id_of(pool, user_id)
+    await api.post("/v1/track", json={"userId": user_id, "anonymousId": device, "event": "Signed In"})
+    await wait_for_outbox_empty(pool)
+    return device_customer, known
+
 
 async def test_merged_shopper_keeps_one_cart_run(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
-    await api.post("/v1/identify", json={"userId": "shopper", "traits": {"email": "shopper@example.com"}})
-    await api.post("/v1/track", json={"anonymousId": "tablet", "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
-    await wait_for_outbox_empty(pool)
-    tablet = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = 'tablet'")
-    known = await customer_id_of(pool, "shopper")
+    tablet, known = await cart_then_login(api, pool, "shopper", "tablet")
 
-    # Logging in on the tablet merges its customer into the known one; the cart carries on.
-    await api.post("/v1/track", json={"userId": "shopper", "anonymousId": "tablet", "event": "Signed In"})
+    # The cart carries on in the tablet's run.
     await api.post("/v1/track", json={"userId": "shopper", "event": "Product Added", "properties": {"product_id": "p-2", "price": 5}})
     await wait_for_outbox_empty(pool)
 
@@ -258,13 +267,7 @@ async def test_merged_shopper_keeps_one_cart_run(
 async def test_merged_run_ended_new_run_starts(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
-    await api.post("/v1/identify", json={"userId": "returner", "traits": {"email": "returner@example.com"}})
-    await api.post("/v1/track", json={"anonymousId": "laptop", "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
-    await wait_for_outbox_empty(pool)
-    laptop = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = 'laptop'")
-    known = await customer_id_of(pool, "returner")
-    await api.post("/v1/track", json={"userId": "returner", "anonymousId": "laptop", "event": "Signed In"})
-    await wait_for_outbox_empty(pool)
+    laptop, known = await cart_then_login(api, pool, "returner", "laptop")
     # The run ends while the log still shows it open.
     await temporal_client.get_workflow_handle(f"abandoned_cart:{laptop}").terminate(reason="test")
 
@@ -280,13 +283,7 @@ async def test_merged_run_ended_new_run_starts(
 async def test_stale_run_falls_back_to_merged(
     api: httpx.AsyncClient, running_worker: RunningWorker, pool: asyncpg.Pool, temporal_client: Client
 ) -> None:
-    await api.post("/v1/identify", json={"userId": "phone-user", "traits": {"email": "phone-user@example.com"}})
-    await api.post("/v1/track", json={"anonymousId": "phone", "event": "Product Added", "properties": {"product_id": "p-1", "price": 10}})
-    await wait_for_outbox_empty(pool)
-    phone = await pool.fetchval("SELECT customer_id FROM identities WHERE kind = 'anonymous_id' AND value = 'phone'")
-    known = await customer_id_of(pool, "phone-user")
-    await api.post("/v1/track", json={"userId": "phone-user", "anonymousId": "phone", "event": "Signed In"})
-    await wait_for_outbox_empty(pool)
+    phone, known = await cart_then_login(api, pool, "phone-user", "phone")
     # The run log still shows a run of the known customer whose workflow is gone.
     await pool.execute(
         "INSERT INTO journey_runs (journey, customer_id, workflow_id, status) VALUES ('abandoned_cart', $1, $2, 'active')",
