@@ -14,7 +14,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from temporalio import activity
 
-from bisik.commerce import order_from, product_from
+from bisik.commerce import product_ids_named
 from bisik.logs import get_logger
 from bisik.models import CartedOrBought, CartedOrBoughtRequest, CatalogProduct, SimilarProductsRequest
 
@@ -207,7 +207,7 @@ async def carted_or_bought_since(pool: asyncpg.Pool, customer_id: str, since: da
     """
     rows = await pool.fetch(
         """
-        SELECT name, message_id, properties FROM events
+        SELECT name, properties FROM events
         WHERE customer_id = (SELECT COALESCE(merged_into, id) FROM customers WHERE id = $1)
           AND type = 'track' AND name IN ('Product Added', 'Order Completed') AND timestamp >= $2
         ORDER BY timestamp, id
@@ -217,12 +217,9 @@ async def carted_or_bought_since(pool: asyncpg.Pool, customer_id: str, since: da
     )
     found = CartedOrBought()
     for row in rows:
-        if row["name"] == "Product Added":
-            product = product_from(row["properties"])
-            product_ids = [] if product is None else [product.product_id]
-        else:
-            product_ids = [item.product_id for item in order_from(row["properties"], row["message_id"]).items]
-            found.order_without_products = found.order_without_products or not product_ids
+        product_ids = product_ids_named(row["name"], row["properties"])
+        if row["name"] == "Order Completed" and not product_ids:
+            found.order_without_products = True
         found.product_ids.extend(product_id for product_id in product_ids if product_id not in found.product_ids)
     return found
 

@@ -130,3 +130,14 @@ def order_from(properties: dict[str, Any], fallback_id: str) -> Order:
         total=round(total, 2),
         currency=_text(properties.get("currency")),
     )
+
+
+def product_ids_named(event_name: str | None, properties: dict[str, Any]) -> list[str]:
+    """Return the ids of the products a `Product Added` or `Order Completed` names.
+
+    An empty list for an order means it named no readable product.
+    """
+    if event_name == "Product Added":
+        product = product_from(properties)
+        return [] if product is None else [product.product_id]
+    return [item.product_id for item in order_from(properties, "").items]

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from bisik.commerce import order_from, product_from
+    from bisik.commerce import product_from, product_ids_named
     from bisik.models import (
         PRODUCTS_CARTED_OR_BOUGHT,
         CartedOrBought,
@@ -166,13 +166,9 @@ class BrowseAbandonment(Journey[BrowseState]):
             raise JourneyExit("viewed products carted or bought")
 
     def _drop_carted_or_bought(self, event: JourneyEvent) -> None:
-        if event.name == "Product Added":
-            product = product_from(event.properties)
-            product_ids = [] if product is None else [product.product_id]
-        else:
-            product_ids = [item.product_id for item in order_from(event.properties, event.message_id).items]
-            if not product_ids:
-                raise JourneyExit("order placed without a readable product list")
+        product_ids = product_ids_named(event.name, event.properties)
+        if event.name == "Order Completed" and not product_ids:
+            raise JourneyExit("order placed without a readable product list")
         self._drop(product_ids)
 
     async def _products_to_show(self) -> list[CatalogProduct]:
